@@ -1,0 +1,259 @@
+"""
+Qwen3-VL in plain PyTorch: the config, the Qwen3 text decoder, and the assembled model.
+
+    embed tokens -> vision tower -> image embeddings placed at <|image_pad|> -> 3-D rotary positions
+    -> decoder layers (DeepStack added after layers 0..2, PVM beside the FFN where attached)
+    -> final norm -> LM head
+
+Mirrors transformers' `Qwen3VLForConditionalGeneration` (modeling_qwen3_vl.py). Left out on
+purpose: video, MoE variants, attention-backend switches, output dataclasses.
+
+Shape legend: B batch, T new tokens, L tokens already in the KV cache, S = L + T, D model width,
+nh / nkv query / key-value heads, hd head width, V vocabulary.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vision import MERGE, VisionTower, rotate_half
+
+
+@dataclass
+class Config:
+    # text decoder (defaults: Qwen3-VL-4B-Instruct)
+    vocab_size: int = 151936
+    hidden_size: int = 2560
+    intermediate_size: int = 9728
+    num_layers: int = 36
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 5_000_000
+    mrope_section: tuple = (24, 20, 20)  # frequency pairs given to (t, h, w), interleaved
+    max_position_embeddings: int = 262144
+    tie_word_embeddings: bool = True
+    image_token_id: int = 151655
+    # vision encoder
+    vision_hidden_size: int = 1024
+    vision_depth: int = 24
+    vision_num_heads: int = 16
+    vision_intermediate_size: int = 4096
+    vision_num_position_embeddings: int = 2304
+    vision_deepstack_indexes: tuple = (5, 11, 17)
+    # Persistent Visual Memory (pvm.py): decoder layers that carry a PVM block, latent width
+    pvm_layers: tuple = ()
+    pvm_dim: int = 512
+
+
+class RMSNorm(nn.Module):
+    """Computed in float32 and cast back before the weight, as the reference does."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class KVCache:
+    """Keys and values of every layer, allocated once for `max_len` tokens and written in place."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)  # False = padding
+        self.length = 0            # L: positions filled so far
+        self.next_position = None  # (B,) rotary position of the next token, set by the prefill
+        self.pvm_bank = None       # (bank, bank_mask) of PVM, taken once at the prefill
+
+    def update(self, layer, k, v):
+        """Write (B, nkv, T, hd) at positions L..L+T-1; return all keys / values so far (B, nkv, S, hd)."""
+        L, T = self.length, k.size(2)
+        if L + T > self.k.size(3):
+            raise ValueError(f"KV cache holds {self.k.size(3)} tokens, {L + T} needed")
+        self.k[layer, :, :, L:L + T] = k
+        self.v[layer, :, :, L:L + T] = v
+        return self.k[layer, :, :, :L + T], self.v[layer, :, :, :L + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        D, hd = config.hidden_size, config.head_dim
+        self.layer_idx, self.head_dim = layer_idx, hd
+        self.q_proj = nn.Linear(D, config.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(D, config.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(D, config.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * hd, D, bias=False)
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps)  # per head, before RoPE
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)               # (B, nkv, T, hd)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)                                   # (B, nkv, S, hd)
+        # mask None means "plain causal" (or a single query that may see every key)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=True)                              # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.pvm_block = None  # set by pvm.attach_pvm
+
+    def forward(self, x, cos, sin, mask, cache, pvm_inputs):
+        a = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        h = a + self.mlp(self.post_attention_layernorm(a))
+        if self.pvm_block is not None:  # a parallel branch beside the FFN: h = a + FFN(a) + PVM(a, V)
+            h = h + self.pvm_block(a, *pvm_inputs)
+        return h
+
+
+def rope_positions(input_ids, image_grid_thw, attention_mask, image_token_id):
+    """3-D (t, h, w) rotary positions (3, B, T) of a prompt, and each sample's next position (B,).
+    Mirrors the reference's get_rope_index: text counts up on all three axes; an image starting at
+    p gets t = p, h = p + row, w = p + col over its merged grid; text after it resumes at
+    p + max(rows, cols). Left padding is skipped, so positions start at 0 on the first real token."""
+    B, T = input_ids.shape
+    positions = torch.zeros(3, B, T, dtype=torch.long)
+    next_position = torch.zeros(B, dtype=torch.long)
+    grids = iter([] if image_grid_thw is None else image_grid_thw.tolist())
+    keep_mask = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
+    for b in range(B):
+        ids = input_ids[b].cpu()[keep_mask[b]].tolist()
+        chunks, p, i = [], 0, 0
+        while i < len(ids):
+            if ids[i] == image_token_id:
+                _, h, w = next(grids)
+                h, w = h // MERGE, w // MERGE
+                rows, cols = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+                chunks.append(torch.stack([torch.zeros_like(rows), rows, cols]) + p)    # (3, h*w)
+                i, p = i + h * w, p + max(h, w)
+            else:
+                n = next((j for j in range(i, len(ids)) if ids[j] == image_token_id), len(ids)) - i
+                chunks.append(torch.arange(p, p + n).expand(3, n))                      # (3, n)
+                i, p = i + n, p + n
+        pos = torch.cat(chunks, dim=1)                                                   # (3, T_b)
+        positions[:, b, keep_mask[b]] = pos
+        next_position[b] = pos.max() + 1
+    return positions.to(input_ids.device), next_position.to(input_ids.device)
+
+
+class Qwen3VL(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.visual = VisionTower(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:  # 4B: the output head is the embedding matrix
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def rotary(self, positions, dtype):
+        """Interleaved multimodal RoPE: frequency pair j turns with the height position if
+        j % 3 == 1 and j < 3*sections[1], the width position if j % 3 == 2 and j < 3*sections[2],
+        else the temporal one. positions (3, B, T) -> cos, sin (B, 1, T, hd)."""
+        hd, (_, s_h, s_w) = self.config.head_dim, self.config.mrope_section
+        axis = torch.zeros(hd // 2, dtype=torch.long)
+        axis[1:3 * s_h:3], axis[2:3 * s_w:3] = 1, 2
+        inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))
+        pos = positions[axis.to(positions.device)].permute(1, 2, 0).float()               # (B, T, hd/2)
+        freqs = pos * inv_freq.to(positions.device)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]                                  # (B, 1, T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def attention_mask(self, key_mask, L, T):
+        """Boolean (B, 1, T, S) mask, or None where plain causal attention is exact."""
+        if bool(key_mask.all()) and (L == 0 or T == 1):
+            return None
+        S = L + T
+        q_pos = torch.arange(L, S, device=key_mask.device)[:, None]
+        k_pos = torch.arange(S, device=key_mask.device)[None, :]
+        mask = (k_pos <= q_pos) & key_mask[:, None, None, :]                               # (B, 1, T, S)
+        return mask | (k_pos == q_pos)  # a padding query sees itself, so no row is empty (no NaN)
+
+    def hidden_states(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, cache=None):
+        """The final-normed hidden states (B, T, D); `cache` (a KVCache) is filled in place."""
+        B, T = input_ids.shape
+        x = self.embed_tokens(input_ids)                                                  # (B, T, D)
+        is_image = input_ids == self.config.image_token_id                               # (B, T)
+        deepstack = []
+        if pixel_values is not None:
+            image_embeds, deepstack = self.visual(pixel_values, image_grid_thw)           # (Nv, D), 3 x (Nv, D)
+            if int(is_image.sum()) != len(image_embeds):
+                raise ValueError(f"prompt holds {int(is_image.sum())} <|image_pad|> tokens but the images "
+                                 f"give {len(image_embeds)} visual tokens")
+            x = x.masked_scatter(is_image[..., None], image_embeds.to(x.dtype))
+        L = 0 if cache is None else cache.length
+        if L == 0:
+            positions, next_position = rope_positions(input_ids, image_grid_thw, attention_mask,
+                                                      self.config.image_token_id)
+            key_mask = torch.ones_like(is_image) if attention_mask is None else attention_mask.bool()
+            if cache is not None:
+                cache.next_position, cache.key_mask[:, :T] = next_position, key_mask
+        else:  # decoding: text tokens continue from the prefill's next position on all three axes
+            positions = (cache.next_position[:, None] + torch.arange(T, device=x.device)).expand(3, B, T)
+            cache.next_position = cache.next_position + T
+            key_mask = cache.key_mask[:, :L + T]
+        cos, sin = self.rotary(positions, x.dtype)
+        mask = self.attention_mask(key_mask, L, T)
+        pvm_inputs = self.pvm_inputs(x, is_image, cache)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, pvm_inputs)
+            if i < len(deepstack):  # DeepStack: vision feature k is added after decoder layer k
+                x = x.index_put((is_image,), deepstack[i].to(x.dtype), accumulate=True)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+    def pvm_inputs(self, x, is_image, cache):
+        """What the PVM blocks read: the visual bank (B, Nv, D) with its mask (B, Nv), and which
+        query positions are image tokens (B, T). The bank is the image embeddings as they enter the
+        decoder, taken once per prompt and kept in the cache for every decoding step."""
+        if all(layer.pvm_block is None for layer in self.layers):
+            return None
+        if cache is not None and cache.length > 0:
+            return (*cache.pvm_bank, is_image)
+        per_sample = [x[b][is_image[b]] for b in range(x.size(0))]                        # B x (Nv_b, D)
+        bank = nn.utils.rnn.pad_sequence(per_sample, batch_first=True)                    # (B, Nv, D)
+        lengths = torch.tensor([len(s) for s in per_sample], device=x.device)
+        bank_mask = torch.arange(bank.size(1), device=x.device)[None] < lengths[:, None]  # (B, Nv)
+        if cache is not None:
+            cache.pvm_bank = (bank, bank_mask)
+        return bank, bank_mask, is_image
+
+    def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, cache=None):
+        """Logits (B, T, V) for the same tensors the reference processor returns."""
+        return self.lm_head(self.hidden_states(input_ids, pixel_values, image_grid_thw, attention_mask, cache))
