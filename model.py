@@ -48,17 +48,20 @@ class Config:
     pvm_dim: int = 512
 
 
-class RMSNorm(nn.Module):
-    """Computed in float32 and cast back before the weight, as the reference does."""
+def rms_norm(x, eps):
+    """x / rms(x), computed in float32 and cast back, as the reference does."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
+
+class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return self.weight * rms_norm(x, self.eps)  # the weight multiplies after the cast back
 
 
 class MLP(nn.Module):

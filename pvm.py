@@ -1,0 +1,147 @@
+"""
+Persistent Visual Memory (PVM, arXiv 2605.00814): a small cross-attention branch beside the FFN of
+a few decoder layers that keeps the model looking at the image however long the answer grows.
+
+Why: the image tokens sit once at the start of the context, and every generated token adds a term
+to each self-attention softmax, so the share of attention they get decays roughly like 1/length.
+PVM's softmax runs over the visual tokens ONLY, never over the text history, so what it reads from
+the image does not thin out as the answer grows:
+
+    h = a + FFN(RMSNorm(a)) + PVM(a, V)      a: the residual stream after self-attention
+                                             V: the image embeddings as they entered the decoder
+
+Shape legend: B batch, T text positions, Nv visual tokens (padded), D model width, d latent width,
+nq / nkv latent query / key-value heads, hd head width.
+"""
+import os
+import re
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import MLP, RMSNorm, rms_norm
+
+PRESETS = {"4b": (5, 11, 17), "8b": (8, 16, 24)}  # decoder layers that carry a PVM block; d = 512
+
+
+class CrossAttention(nn.Module):
+    """Text queries attend to visual keys in the latent space: no RoPE, no causal mask."""
+
+    def __init__(self, d, hd, n_kv):
+        super().__init__()
+        self.hd = hd
+        self.q_proj = nn.Linear(d, d, bias=False)  # d // hd query heads
+        self.k_proj = nn.Linear(d, n_kv * hd, bias=False)
+        self.v_proj = nn.Linear(d, n_kv * hd, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+        self.q_norm, self.k_norm = RMSNorm(hd), RMSNorm(hd)  # per head, as the backbone's attention
+
+    def forward(self, t, v, v_mask):
+        (B, T, d), Nv = t.shape, v.size(1)
+        q = self.q_norm(self.q_proj(t).view(B, T, -1, self.hd)).transpose(1, 2)   # (B, nq, T, hd)
+        k = self.k_norm(self.k_proj(v).view(B, Nv, -1, self.hd)).transpose(1, 2)  # (B, nkv, Nv, hd)
+        val = self.v_proj(v).view(B, Nv, -1, self.hd).transpose(1, 2)             # (B, nkv, Nv, hd)
+        scores = (q @ k.transpose(-1, -2)).float() * self.hd**-0.5                # (B, nq, T, Nv), nkv broadcast
+        scores = scores.masked_fill(~v_mask[:, None, None, :], torch.finfo(torch.float32).min)
+        attn = scores.softmax(dim=-1).to(val.dtype)  # over the visual tokens alone: length-independent
+        return self.o_proj((attn @ val).transpose(1, 2).reshape(B, T, d))        # (B, T, d)
+
+
+class PVMBlock(nn.Module):
+    def __init__(self, config, d):
+        super().__init__()
+        D, hd = config.hidden_size, config.head_dim
+        n_kv = max(1, (d // hd) // (config.num_heads // config.num_kv_heads))  # the backbone's GQA ratio
+        self.text_reducer = nn.Linear(D, d, bias=False)
+        self.vision_reducer = nn.Linear(D, d, bias=False)
+        self.input_norm = RMSNorm(d, config.rms_norm_eps)
+        self.cross_attn = CrossAttention(d, hd, n_kv)
+        self.post_attn_norm = RMSNorm(d, config.rms_norm_eps)
+        self.mlp = MLP(d, int(d * config.intermediate_size / D))
+        self.output_expander = nn.Linear(d, D, bias=False)
+        self.gate_alpha = nn.Parameter(torch.zeros(1))
+        self.eps = config.rms_norm_eps
+        # gate 0: at step 0 the model is exactly the base model. The expander must NOT also be 0:
+        # then out = 0 * N(0) and both gradients vanish, so the branch would never train.
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+
+    def forward(self, a, bank, bank_mask, is_image):
+        """a (B, T, D), bank (B, Nv, D), bank_mask (B, Nv), is_image (B, T) -> (B, T, D)."""
+        if bank.size(1) == 0:  # no image anywhere in the batch: PVM adds nothing
+            return torch.zeros_like(a)
+        t = self.input_norm(self.text_reducer(a))                                 # (B, T, d)
+        m = self.cross_attn(t, self.vision_reducer(bank), bank_mask)              # (B, T, d)
+        m = m + self.mlp(self.post_attn_norm(m))
+        out = self.gate_alpha * rms_norm(self.output_expander(m), self.eps)       # (B, T, D)
+        # silence the image's own positions and samples without an image (their bank is all padding)
+        keep = ~is_image & bank_mask.any(dim=1, keepdim=True)                     # (B, T)
+        return out * keep[..., None].to(out.dtype)
+
+
+def attach_pvm(model, layers, d=512):
+    """Give decoder `layers` a freshly initialised PVM block of latent width d (trainable)."""
+    config = model.config
+    if d % config.head_dim or not layers or not all(0 <= i < config.num_layers for i in layers):
+        raise ValueError(f"PVM needs layers within 0..{config.num_layers - 1} and a width that is a multiple "
+                         f"of head_dim {config.head_dim}; got layers {list(layers)}, width {d}")
+    param = model.embed_tokens.weight
+    for i in layers:
+        model.layers[i].pvm_block = PVMBlock(config, d).to(param.device, param.dtype)
+    config.pvm_layers, config.pvm_dim = tuple(sorted(layers)), d
+    return model
+
+
+def pvm_state_dict(model):
+    """PVM weights under the reference code's names, so files move between both codebases."""
+    return {f"model.language_model.layers.{i}.pvm_block.{name}": tensor
+            for i, layer in enumerate(model.layers) if layer.pvm_block is not None
+            for name, tensor in layer.pvm_block.state_dict().items()}
+
+
+def save_pvm(model, path):
+    """Write the PVM weights alone as safetensors; atomically (temporary file, then rename)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in pvm_state_dict(model).items()}
+    save_file(tensors, f"{path}.tmp", metadata={"pvm_dim": str(model.config.pvm_dim)})
+    os.replace(f"{path}.tmp", path)
+
+
+def load_pvm(model, path):
+    """Attach and load PVM weights. The layers and the width come from the tensor names and shapes
+    (files of the reference code carry no metadata); a file that does not fit raises ValueError."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # missing, truncated or not a safetensors file
+        raise ValueError(f"cannot read PVM weights {path}: {e}") from None
+    layers = set()
+    for name in tensors:
+        if not (m := re.fullmatch(r"model\.language_model\.layers\.(\d+)\.pvm_block\.[\w.]+", name)):
+            raise ValueError(f"{path}: {name} is not a PVM tensor")
+        layers.add(int(m.group(1)))
+    if not layers:
+        raise ValueError(f"{path} holds no PVM tensors")
+    layers = sorted(layers)
+    reducer = tensors.get(f"model.language_model.layers.{layers[0]}.pvm_block.text_reducer.weight")
+    if reducer is None:
+        raise ValueError(f"{path} has no text_reducer.weight for layer {layers[0]}")
+    d = reducer.shape[0]
+    config = model.config
+    if config.pvm_layers and (tuple(layers), d) != (config.pvm_layers, config.pvm_dim):
+        raise ValueError(f"{path} holds PVM at layers {layers} with width {d}; the model carries it at "
+                         f"layers {list(config.pvm_layers)} with width {config.pvm_dim}")
+    if not config.pvm_layers:
+        attach_pvm(model, layers, d)
+    expected = pvm_state_dict(model)
+    if missing := sorted(expected.keys() - tensors.keys()):
+        raise ValueError(f"{path} is missing {len(missing)} PVM tensor(s), e.g. {missing[0]}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if name not in expected or tensor.shape != expected[name].shape:
+                raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                                 f"{tuple(expected[name].shape) if name in expected else 'no such tensor'}")
+            expected[name].copy_(tensor)
+    return model
