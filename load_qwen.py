@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from model import Config, Qwen3VL
@@ -120,10 +119,35 @@ def our_name(checkpoint_name):
     raise ValueError(f"unexpected tensor {checkpoint_name} in checkpoint (not a Qwen3-VL weight)")
 
 
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def read_header(f):
+    """A .safetensors file is an 8-byte header length, a JSON header {name: dtype, shape,
+    data_offsets}, then raw little-endian data. Returns (where the data starts, the header)."""
+    n = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def read_tensor(f, data_start, name, info, out=None):
+    """Read one tensor with plain file reads, into `out` when given (same dtype and size). Not a
+    memory map: a map keeps every page it touched resident, a second copy of the weights."""
+    if info["dtype"] not in SAFETENSORS_DTYPES:
+        raise ValueError(f"tensor {name} has unsupported dtype {info['dtype']}")
+    start, end = info["data_offsets"]
+    out = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]]) if out is None else out
+    f.seek(data_start + start)
+    if f.readinto(out.view(-1).view(torch.uint8).numpy()) != end - start:
+        raise ValueError(f"checkpoint file is truncated at tensor {name}")
+    return out
+
+
 def load_weights(model, ckpt):
-    """Copy every checkpoint tensor into its parameter, converting dtype tensor by tensor so that
-    no second full copy of the model is ever held. Strict: unknown, missing, duplicated or
-    mis-shaped tensors raise, naming the tensor."""
+    """Read every checkpoint tensor into its parameter: straight into its memory when dtype and
+    device allow, else through one temporary tensor, so no second copy of the model is ever held.
+    Strict: unknown, missing, duplicated or mis-shaped tensors raise, naming the tensor."""
     index = ckpt / "model.safetensors.index.json"
     files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
     params = dict(model.named_parameters())  # a tied lm_head appears once, as embed_tokens.weight
@@ -131,22 +155,25 @@ def load_weights(model, ckpt):
     for file in files:
         if not (ckpt / file).exists():
             raise ValueError(f"missing weights file {file} in {ckpt}")
-        with safe_open(ckpt / file, framework="pt") as f:
-            for name in f.keys():
+        with open(ckpt / file, "rb") as f:
+            data_start, header = read_header(f)
+            for name, info in header.items():
                 ours = our_name(name)
                 if ours == "lm_head.weight" and model.config.tie_word_embeddings:
                     continue  # tied: the head is the embedding, already loaded
                 if ours not in params or ours in filled:
                     raise ValueError(f"checkpoint tensor {name} does not fit the model described by config.json"
                                      if ours not in params else f"tensor {name} appears twice in the checkpoint")
-                tensor = f.get_tensor(name)
-                if ours == "visual.patch_embed.weight":  # (C, 3, 2, 16, 16) -> (C, 1536), the Linear we use
-                    tensor = tensor.flatten(1)
-                if tensor.shape != params[ours].shape:
-                    raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)} in the checkpoint, "
-                                     f"the model expects {tuple(params[ours].shape)}")
-                with torch.no_grad():
-                    params[ours].copy_(tensor)
+                param, shape = params[ours].data, torch.Size(info["shape"])
+                if ours == "visual.patch_embed.weight":  # Conv3d (C, 3, 2, 16, 16) -> our Linear (C, 1536)
+                    shape = shape[:1] + (shape[1:].numel(),)
+                if shape != param.shape:
+                    raise ValueError(f"tensor {name} has shape {tuple(info['shape'])} in the checkpoint, "
+                                     f"the model expects {tuple(param.shape)}")
+                if param.device.type == "cpu" and param.dtype == SAFETENSORS_DTYPES.get(info["dtype"]):
+                    read_tensor(f, data_start, name, info, out=param)
+                else:  # converts dtype and moves to the device on the way
+                    param.copy_(read_tensor(f, data_start, name, info).view(shape))
                 filled.add(ours)
     if missing := sorted(params.keys() - filled):
         raise ValueError(f"checkpoint {ckpt} is missing {len(missing)} tensor(s), e.g. {missing[0]}")

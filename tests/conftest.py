@@ -1,0 +1,46 @@
+"""pytest configuration: import paths and session-wide fixtures (built once per test run)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+for p in (str(REPO_ROOT), str(TESTS_DIR)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import fixtures as fx  # noqa: E402  (needs the path set above)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A directory holding only tokenizer.json and tokenizer_config.json."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    fx.build_tokenizer_json(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tied(tmp_path_factory):
+    """Tiny random checkpoint with tied embeddings (like Qwen3-VL-4B): no lm_head.weight."""
+    return fx.write_checkpoint(tmp_path_factory.mktemp("tiny_tied"), tied=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_untied(tmp_path_factory):
+    """Tiny random checkpoint with a separate lm_head (like Qwen3-VL-8B)."""
+    return fx.write_checkpoint(tmp_path_factory.mktemp("tiny_untied"), tied=False, seed=1)
+
+
+@pytest.fixture(scope="session")
+def ref_processor(tiny_tied):
+    """transformers' Qwen3-VL processor (images + text, left padding); same for every checkpoint."""
+    return fx.reference_processor(tiny_tied)
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """Real photos as PIL images; see fixtures.photos()."""
+    return fx.photos()
