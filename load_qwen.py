@@ -9,6 +9,7 @@ A checkpoint directory holds config.json and model.safetensors (or shards listed
 model.safetensors.index.json) and tokenizer.json. Left out on purpose: tool calls in the chat
 format, video, other file formats than safetensors.
 """
+import ctypes
 import json
 import re
 from pathlib import Path
@@ -139,7 +140,8 @@ def read_tensor(f, data_start, name, info, out=None):
     start, end = info["data_offsets"]
     out = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]]) if out is None else out
     f.seek(data_start + start)
-    if f.readinto(out.view(-1).view(torch.uint8).numpy()) != end - start:
+    buffer = (ctypes.c_char * (end - start)).from_address(out.data_ptr())  # the tensor's own bytes
+    if end > start and f.readinto(buffer) != end - start:
         raise ValueError(f"checkpoint file is truncated at tensor {name}")
     return out
 

@@ -13,7 +13,6 @@ h, w patch-grid rows / columns of one image, D the text decoder width.
 """
 import math
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -69,14 +68,14 @@ def preprocess_image(image):
     image = to_rgb(image)
     H, W = smart_resize(image.height, image.width)
     image = image.resize((W, H), resample=Image.BICUBIC)  # PIL takes (width, height)
-    x = np.asarray(image, dtype=np.float64).transpose(2, 0, 1) / 255.0  # (3, H, W), as the reference
-    x = ((x.astype(np.float32) - 0.5) / 0.5).astype(np.float32)         # mean 0.5, std 0.5
+    x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(H, W, 3).permute(2, 0, 1)
+    x = ((x.double() * (1 / 255)).float() - 0.5) / 0.5  # (3, H, W): rescale in float64 as the reference, mean/std 0.5
     h, w = H // PATCH, W // PATCH
     # (3, H, W) -> (h/2, w/2, 2, 2, 3, 16, 16): each 2x2 merge window becomes 4 consecutive rows
-    x = x.reshape(3, h // MERGE, MERGE, PATCH, w // MERGE, MERGE, PATCH).transpose(1, 4, 2, 5, 0, 3, 6)
+    x = x.reshape(3, h // MERGE, MERGE, PATCH, w // MERGE, MERGE, PATCH).permute(1, 4, 2, 5, 0, 3, 6)
     # a still image is its own second frame: (..., 3, 16, 16) -> (..., 3, 2, 16, 16)
-    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], TEMPORAL, PATCH, PATCH))
-    pixel_values = torch.from_numpy(np.ascontiguousarray(x).reshape(h * w, 3 * TEMPORAL * PATCH * PATCH))
+    x = x[:, :, :, :, :, None].expand(*x.shape[:5], TEMPORAL, PATCH, PATCH)
+    pixel_values = x.reshape(h * w, 3 * TEMPORAL * PATCH * PATCH)                      # (n, 1536)
     return pixel_values, torch.tensor([[1, h, w]])
 
 
