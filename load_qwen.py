@@ -11,6 +11,7 @@ format, video, other file formats than safetensors.
 """
 import ctypes
 import json
+import os
 import re
 from pathlib import Path
 
@@ -110,14 +111,18 @@ WEIGHT_MAP = {
     **{f"model.visual.{merger}.{m}.{p}": f"visual.{merger}.{m}.{p}" for p in ("weight", "bias")
        for merger in ("merger", "deepstack_merger_list.{}") for m in ("norm", "linear_fc1", "linear_fc2")},
 }
-_PATTERNS = [(re.compile(re.escape(k).replace(r"\{\}", r"(\d+)") + "$"), v) for k, v in WEIGHT_MAP.items()]
+def _rename(name, table):
+    """Rename through a {pattern: pattern} table whose {} match layer indices; None if no match."""
+    for pattern, target in table.items():
+        if m := re.fullmatch(re.escape(pattern).replace(r"\{\}", r"(\d+)"), name):
+            return target.format(*m.groups())
+    return None
 
 
 def our_name(checkpoint_name):
-    for pattern, ours in _PATTERNS:
-        if m := pattern.match(checkpoint_name):
-            return ours.format(*m.groups())
-    raise ValueError(f"unexpected tensor {checkpoint_name} in checkpoint (not a Qwen3-VL weight)")
+    if (ours := _rename(checkpoint_name, WEIGHT_MAP)) is None:
+        raise ValueError(f"unexpected tensor {checkpoint_name} in checkpoint (not a Qwen3-VL weight)")
+    return ours
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -127,7 +132,12 @@ def read_header(f):
     """A .safetensors file is an 8-byte header length, a JSON header {name: dtype, shape,
     data_offsets}, then raw little-endian data. Returns (where the data starts, the header)."""
     n = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(n))
+    try:
+        if n > os.fstat(f.fileno()).st_size - 8:
+            raise ValueError("header length beyond the end of the file")
+        header = json.loads(f.read(n))
+    except ValueError as e:  # a Git LFS pointer, an HTML error page, a truncated download, ...
+        raise ValueError(f"{f.name} is not a safetensors file ({e})") from None
     header.pop("__metadata__", None)
     return 8 + n, header
 
@@ -178,7 +188,8 @@ def load_weights(model, ckpt):
                     param.copy_(read_tensor(f, data_start, name, info).view(shape))
                 filled.add(ours)
     if missing := sorted(params.keys() - filled):
-        raise ValueError(f"checkpoint {ckpt} is missing {len(missing)} tensor(s), e.g. {missing[0]}")
+        example = _rename(missing[0], {ours: name for name, ours in WEIGHT_MAP.items()})
+        raise ValueError(f"checkpoint {ckpt} is missing {len(missing)} tensor(s), e.g. {example}")
 
 
 def load_model(path_or_id, device="cpu", dtype=torch.float32, pvm=None):
@@ -219,14 +230,15 @@ def _parts(content):
 
 
 def _is_image(part):
-    return part.get("type") == "image" or "image" in part or "image_url" in part
+    return part.get("type") == "image" or "image" in part or "path" in part
 
 
 def chat_text(messages, add_generation_prompt=True):
     """messages -> (prompt text with one <|image_pad|> per image, the images in order, and the
     character spans (start, end) of each assistant reply with its <|im_end|>, the tokens a
     fine-tuning loss is taken on). Messages are {"role": "system" | "user" | "assistant",
-    "content": str or [{"type": "text", "text": ...}, {"type": "image", "image": PIL or path}]}."""
+    "content": str or [{"type": "text", "text": ...}, {"type": "image", "image": PIL or path}]}
+    ("path": ... works too)."""
     text, images, spans = "", [], []
     for i, message in enumerate(messages):
         role, parts = message["role"], _parts(message["content"])
@@ -236,7 +248,9 @@ def chat_text(messages, add_generation_prompt=True):
         start = len(text)
         for part in parts:
             if role == "user" and _is_image(part):
-                images.append(part.get("image", part.get("image_url")))
+                if part.get("image", part.get("path")) is None:
+                    raise ValueError(f"an image part needs an 'image' (PIL image or file path) or 'path' key: {part}")
+                images.append(part.get("image", part.get("path")))
                 text += IMAGE_PLACEHOLDER
             elif "text" in part:
                 text += part["text"]

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 # -----------------------------------------------------------------------------
 # preprocessing (the official preprocessor_config.json, PIL backend)
@@ -51,16 +51,17 @@ def to_rgb(image):
 
 
 def load_image(path):
-    """Open and fully decode an image file; a missing, unreadable or truncated file raises
-    ValueError naming the file."""
+    """Open and fully decode an image file, upright and RGB, as the reference's load_image does
+    (EXIF rotation applied; for files, transparency is dropped rather than composited). A
+    missing, unreadable or truncated file raises ValueError naming the file."""
     try:
         image = Image.open(path)
         image.load()  # PIL decodes lazily: force it here so a truncated file fails now
+        return ImageOps.exif_transpose(image).convert("RGB")
     except FileNotFoundError:
         raise ValueError(f"image not found: {path}") from None
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
-    return image
 
 
 def preprocess_image(image):
