@@ -18,8 +18,7 @@ import re
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from model import MLP, RMSNorm, rms_norm
 
@@ -43,7 +42,8 @@ class CrossAttention(nn.Module):
         q = self.q_norm(self.q_proj(t).view(B, T, -1, self.hd)).transpose(1, 2)   # (B, nq, T, hd)
         k = self.k_norm(self.k_proj(v).view(B, Nv, -1, self.hd)).transpose(1, 2)  # (B, nkv, Nv, hd)
         val = self.v_proj(v).view(B, Nv, -1, self.hd).transpose(1, 2)             # (B, nkv, Nv, hd)
-        scores = (q @ k.transpose(-1, -2)).float() * self.hd**-0.5                # (B, nq, T, Nv), nkv broadcast
+        k, val = (x.repeat_interleave(q.size(1) // x.size(1), dim=1) for x in (k, val))  # (B, nq, Nv, hd)
+        scores = (q @ k.transpose(-1, -2)).float() * self.hd**-0.5                # (B, nq, T, Nv)
         scores = scores.masked_fill(~v_mask[:, None, None, :], torch.finfo(torch.float32).min)
         attn = scores.softmax(dim=-1).to(val.dtype)  # over the visual tokens alone: length-independent
         return self.o_proj((attn @ val).transpose(1, 2).reshape(B, T, d))        # (B, T, d)
@@ -85,7 +85,7 @@ class PVMBlock(nn.Module):
 def attach_pvm(model, layers, d=512):
     """Give decoder `layers` a freshly initialised PVM block of latent width d (trainable)."""
     config = model.config
-    if d % config.head_dim or not layers or not all(0 <= i < config.num_layers for i in layers):
+    if d <= 0 or d % config.head_dim or not layers or not all(0 <= i < config.num_layers for i in layers):
         raise ValueError(f"PVM needs layers within 0..{config.num_layers - 1} and a width that is a multiple "
                          f"of head_dim {config.head_dim}; got layers {list(layers)}, width {d}")
     param = model.embed_tokens.weight
@@ -113,35 +113,27 @@ def load_pvm(model, path):
     """Attach and load PVM weights. The layers and the width come from the tensor names and shapes
     (files of the reference code carry no metadata); a file that does not fit raises ValueError."""
     try:
-        with safe_open(path, framework="pt") as f:
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        tensors = load_file(path)
     except Exception as e:  # missing, truncated or not a safetensors file
         raise ValueError(f"cannot read PVM weights {path}: {e}") from None
-    layers = set()
-    for name in tensors:
-        if not (m := re.fullmatch(r"model\.language_model\.layers\.(\d+)\.pvm_block\.[\w.]+", name)):
-            raise ValueError(f"{path}: {name} is not a PVM tensor")
-        layers.add(int(m.group(1)))
-    if not layers:
-        raise ValueError(f"{path} holds no PVM tensors")
-    layers = sorted(layers)
-    reducer = tensors.get(f"model.language_model.layers.{layers[0]}.pvm_block.text_reducer.weight")
-    if reducer is None:
-        raise ValueError(f"{path} has no text_reducer.weight for layer {layers[0]}")
-    d = reducer.shape[0]
+    found = [re.fullmatch(r"model\.language_model\.layers\.(\d+)\.pvm_block\.[\w.]+", name) for name in tensors]
+    if not found or None in found:
+        raise ValueError(f"{path} is not a file of PVM weights (model.language_model.layers.N.pvm_block.*)")
+    layers = tuple(sorted({int(m.group(1)) for m in found}))
+    d = next((t.shape[0] for name, t in tensors.items() if name.endswith("text_reducer.weight")), 0)
     config = model.config
-    if config.pvm_layers and (tuple(layers), d) != (config.pvm_layers, config.pvm_dim):
-        raise ValueError(f"{path} holds PVM at layers {layers} with width {d}; the model carries it at "
-                         f"layers {list(config.pvm_layers)} with width {config.pvm_dim}")
     if not config.pvm_layers:
         attach_pvm(model, layers, d)
+    elif (layers, d) != (config.pvm_layers, config.pvm_dim):
+        raise ValueError(f"{path} holds PVM at layers {list(layers)} with width {d}; the model carries it "
+                         f"at layers {list(config.pvm_layers)} with width {config.pvm_dim}")
     expected = pvm_state_dict(model)
-    if missing := sorted(expected.keys() - tensors.keys()):
-        raise ValueError(f"{path} is missing {len(missing)} PVM tensor(s), e.g. {missing[0]}")
+    if odd := sorted(expected.keys() ^ tensors.keys()):
+        raise ValueError(f"{path} does not hold the tensors of PVM blocks of width {d}: {odd[0]}")
     with torch.no_grad():
         for name, tensor in tensors.items():
-            if name not in expected or tensor.shape != expected[name].shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects "
-                                 f"{tuple(expected[name].shape) if name in expected else 'no such tensor'}")
+            if tensor.shape != expected[name].shape:
+                raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, "
+                                 f"the model expects {tuple(expected[name].shape)}")
             expected[name].copy_(tensor)
     return model
