@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from vision import MERGE, VisionTower, rotate_half
 
@@ -84,19 +85,22 @@ class KVCache:
         shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # per-layer views, made once
         self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)  # False = padding
         self.length = 0            # L: positions filled so far
         self.next_position = None  # (B,) rotary position of the next token, set by the prefill
         self.pvm_bank = None       # (bank, bank_mask) of PVM, taken once at the prefill
+        self.padded = False        # whether the prompt has padding, set by the prefill
 
     def update(self, layer, k, v):
         """Write (B, nkv, T, hd) at positions L..L+T-1; return all keys / values so far (B, nkv, S, hd)."""
         L, T = self.length, k.size(2)
         if L + T > self.k.size(3):
             raise ValueError(f"KV cache holds {self.k.size(3)} tokens, {L + T} needed")
-        self.k[layer, :, :, L:L + T] = k
-        self.v[layer, :, :, L:L + T] = v
-        return self.k[layer, :, :, :L + T], self.v[layer, :, :, :L + T]
+        k_all, v_all = self.k_layers[layer], self.v_layers[layer]                  # (B, nkv, max_len, hd)
+        k_all[:, :, L:L + T] = k
+        v_all[:, :, L:L + T] = v
+        return k_all[:, :, :L + T], v_all[:, :, :L + T]
 
 
 class Attention(nn.Module):
@@ -183,6 +187,7 @@ class Qwen3VL(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:  # 4B: the output head is the embedding matrix
             self.lm_head.weight = self.embed_tokens.weight
+        self.gradient_checkpointing = False  # train.py: recompute decoder layers in the backward pass
 
     def rotary(self, positions, dtype):
         """Interleaved multimodal RoPE: frequency pair j turns with the height position if
@@ -226,15 +231,23 @@ class Qwen3VL(nn.Module):
             key_mask = torch.ones_like(is_image) if attention_mask is None else attention_mask.bool()
             if cache is not None:
                 cache.next_position, cache.key_mask[:, :T] = next_position, key_mask
+                cache.padded = not bool(key_mask.all())
         else:  # decoding: text tokens continue from the prefill's next position on all three axes
             positions = (cache.next_position[:, None] + torch.arange(T, device=x.device)).expand(3, B, T)
             cache.next_position = cache.next_position + T
             key_mask = cache.key_mask[:, :L + T]
         cos, sin = self.rotary(positions, x.dtype)
-        mask = self.attention_mask(key_mask, L, T)
+        # one new token after an unpadded prompt sees every key: no mask, and no check that would
+        # wait for the device at every step (or break a torch.compile graph)
+        mask = None if L > 0 and T == 1 and not cache.padded else self.attention_mask(key_mask, L, T)
         pvm_inputs = self.pvm_inputs(x, is_image, cache)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, pvm_inputs)
+            if self.gradient_checkpointing and self.training and x.requires_grad:
+                # keep only the layer's input; its insides are recomputed during backward. Layers below
+                # the first trainable one run without autograd anyway (x.requires_grad is False there).
+                x = checkpoint(layer, x, cos, sin, mask, cache, pvm_inputs, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, pvm_inputs)
             if i < len(deepstack):  # DeepStack: vision feature k is added after decoder layer k
                 x = x.index_put((is_image,), deepstack[i].to(x.dtype), accumulate=True)
         if cache is not None:

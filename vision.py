@@ -110,7 +110,8 @@ class VisionAttention(nn.Module):
         # full (non-causal) attention inside each image, never across images
         out = []
         for qi, ki, vi in zip(*(t.transpose(0, 1).split(lengths, dim=1) for t in (q, k, v))):  # (nh, n, hd)
-            out.append(F.scaled_dot_product_attention(qi, ki, vi).transpose(0, 1))         # (n, nh, hd)
+            # a leading batch dimension of 1: the fused CPU kernel only takes 4-D inputs
+            out.append(F.scaled_dot_product_attention(qi[None], ki[None], vi[None])[0].transpose(0, 1))  # (n, nh, hd)
         return self.proj(torch.cat(out).reshape(N, C))
 
 

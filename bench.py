@@ -1,0 +1,149 @@
+"""
+Speed of generate.generate against transformers' generate, in one run and on the same inputs:
+random checkpoints in the official layout, greedy, a 448x448 image plus 32 prompt tokens,
+64 new tokens. Reports prefill time and decode tokens/s as ratios ours / theirs (median of runs).
+
+    python bench.py                                    # the tiny and ~110M models, on this CPU
+    python bench.py --sizes 4b --device cuda --dtype bfloat16 --compile
+
+Sizes: tiny (overhead-bound, as a 4B model on a GPU at batch 1), 110m (the real vocabulary,
+memory-bound on a CPU), 4b (the Qwen3-VL-4B-Instruct architecture). A development tool, not a
+test: it imports transformers, which the runtime files never do.
+"""
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import generate
+import load_qwen
+from vision import preprocess_image
+
+OFFICIAL_4B = json.loads((Path(__file__).parent / "tests" / "official" / "config-4b.json").read_text())
+
+
+def config_dict(size):
+    """The official config.json of Qwen3-VL-4B with the widths of `size` (official token ids)."""
+    config = copy.deepcopy(OFFICIAL_4B)
+    text, vision = config["text_config"], config["vision_config"]
+    if size == "tiny":  # a small vocabulary too, so the output head does not dominate
+        text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=32, vocab_size=4096)
+        text["rope_scaling"]["mrope_section"] = [6, 5, 5]
+        vision.update(hidden_size=64, intermediate_size=128, depth=4, num_heads=4, out_hidden_size=64,
+                      deepstack_visual_indexes=[1, 2, 3])
+        # token ids of the tiny vocabulary, in place of 151643... (transformers reads them from here)
+        config.update(image_token_id=4000, video_token_id=4001, vision_start_token_id=4002, vision_end_token_id=4003)
+        text.update(bos_token_id=4004, eos_token_id=4005)
+    elif size == "110m":  # 78M of it is the (tied) embedding of the real vocabulary
+        text.update(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                    num_key_value_heads=4, head_dim=64)
+        text["rope_scaling"]["mrope_section"] = [12, 10, 10]
+        vision.update(hidden_size=256, intermediate_size=1024, depth=4, num_heads=4, out_hidden_size=512,
+                      deepstack_visual_indexes=[1, 2, 3])
+    return config
+
+
+def build_checkpoint(size, path, device, dtype):
+    """transformers' model with random weights, saved in the official layout; returns it too."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    config = config_dict(size)
+    torch.manual_seed(0)
+    with torch.device(device):
+        theirs = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**config)).to(dtype).eval()
+    theirs.generation_config.eos_token_id = None  # random weights: always generate all the tokens
+    theirs.save_pretrained(path)
+    (Path(path) / "config.json").write_text(json.dumps(config, indent=2))  # the official spelling
+    return theirs
+
+
+def inputs(config, n_text=32):
+    """[vision_start] + image pads of a 448x448 photo + [vision_end] + 32 random text tokens."""
+    pixel_values, grid = preprocess_image(Image.open(Path(__file__).parent / "cat.jpg").resize((448, 448)))
+    n_image = int(grid.prod()) // 4                                        # 196 merged visual tokens
+    text = torch.randint(0, min(config["text_config"]["vocab_size"] - 100, 150000), (n_text,)).tolist()
+    ids = [config["vision_start_token_id"]] + [config["image_token_id"]] * n_image + [config["vision_end_token_id"]]
+    return torch.tensor([ids + text]), pixel_values, grid
+
+
+def timed(tokens, sync):
+    """Consume an iterator of new tokens; return (prefill seconds, decode tokens/s, count)."""
+    start, times = time.perf_counter(), []
+    for _ in tokens:
+        sync()
+        times.append(time.perf_counter())
+    return times[0] - start, (len(times) - 1) / (times[-1] - times[0]), len(times)
+
+
+def run_theirs(model, ids, pixel_values, grid, n_new, sync):
+    """transformers' generate, timed through a streamer: it gets the prompt, then each new token."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            sync()
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    stamps, device = Stamps(), model.device
+    start = time.perf_counter()
+    model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                   pixel_values=pixel_values.to(device), image_grid_thw=grid.to(device),
+                   mm_token_type_ids=(ids == model.config.image_token_id).long().to(device),
+                   do_sample=False, max_new_tokens=n_new, streamer=stamps)
+    times = stamps.times[1:]  # the first put is the prompt
+    return times[0] - start, (len(times) - 1) / (times[-1] - times[0]), len(times)
+
+
+def bench(size, args):
+    device, dtype = args.device, getattr(torch, args.dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    with tempfile.TemporaryDirectory() as path:
+        theirs = build_checkpoint(size, path, device, dtype)
+        ours = load_qwen.load_model(path, device, dtype)
+    ids, pixel_values, grid = inputs(config_dict(size))
+
+    def run_ours():
+        tokens = generate.generate(ours, ids, pixel_values, grid, args.new_tokens, stop_tokens=(), compile=args.compile)
+        return timed(tokens, sync)
+
+    run_ours(), run_theirs(theirs, ids, pixel_values, grid, args.new_tokens, sync)  # warm-up, torch.compile
+    runs = [(run_ours(), run_theirs(theirs, ids, pixel_values, grid, args.new_tokens, sync))
+            for _ in range(args.runs)]  # alternated, so a drift in the machine's speed hits both
+    assert all(o[2] == t[2] == args.new_tokens for o, t in runs), "both must generate every token"
+    pre_o, pre_t = statistics.median(o[0] for o, _ in runs), statistics.median(t[0] for _, t in runs)
+    dec_o, dec_t = statistics.median(o[1] for o, _ in runs), statistics.median(t[1] for _, t in runs)
+    params = sum(p.numel() for p in ours.parameters()) / 1e6
+    print(f"| {size} ({params:.0f}M) | {pre_o * 1000:.0f} / {pre_t * 1000:.0f} ms | {pre_t / pre_o:.2f}x | "
+          f"{dec_o:.0f} / {dec_t:.0f} tok/s | {dec_o / dec_t:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="+", default=["tiny", "110m"], choices=["tiny", "110m", "4b"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for both sides; one suits the tiny model and is steady on a shared machine")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per side; the median is reported")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--compile", action="store_true", help="torch.compile our decoding step")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{args.device} {args.dtype}, {args.threads} threads, greedy, 448x448 image + 32 prompt tokens, "
+          f"{args.new_tokens} new tokens, median of {args.runs}{', compiled' if args.compile else ''}")
+    print("| model | prefill ours / theirs | speed-up | decode ours / theirs | speed-up |\n|---|---|---|---|---|")
+    for size in args.sizes:
+        bench(size, args)

@@ -1,0 +1,150 @@
+"""generate.py: greedy text equal to transformers' generate, seeded sampling, stop tokens, PVM.
+
+The comparisons use the untied tiny checkpoint: with tied random weights greedy decoding falls
+into repeating one token, which would hide a wrong position or a stale cache."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import fixtures as fx
+import generate
+import load_qwen
+import pvm
+
+REPO = Path(__file__).resolve().parent.parent
+CAT = REPO / "cat.jpg"
+NEW_TOKENS = 32
+
+
+def start_cli(*args):
+    """generate.py in a fresh process: offline, UTF-8 output, one thread (the scenarios run together)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(REPO / "generate.py"), *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
+
+
+CASES = ["one image", "two images", "system message"]
+
+
+def scenario(case, second_image):
+    """(images, prompt, system message) of each greedy comparison."""
+    if case == "two images":
+        return [CAT, second_image], "What differs between them?", None
+    return [CAT], "Describe this image.", "You are a terse assistant." if case == "system message" else None
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory, photos, tiny_untied):
+    """generate.py at temperature 0, every scenario at once; the references are computed meanwhile."""
+    second_image = tmp_path_factory.mktemp("images") / "astronaut.png"
+    photos["astronaut"].reduce(2).save(second_image)
+    processes = {}
+    for case in CASES:
+        images, prompt, system = scenario(case, second_image)
+        args = [a for image in images for a in ("--image", image)] + (["--system", system] if system else [])
+        processes[case] = start_cli("--model", tiny_untied, "--prompt", prompt, "--temperature", 0,
+                                    "--max-new-tokens", NEW_TOKENS, *args)
+    yield second_image, processes
+    for process in processes.values():  # any a deselected test left running
+        process.kill()
+        process.communicate()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_cli_equals_reference(case, cli_runs, tiny_untied, ref_processor, ours):
+    second_image, processes = cli_runs
+    images, prompt, system = scenario(case, second_image)
+    # the reference: the official processor's inputs, transformers' greedy generate
+    messages = ([{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []) + [
+        {"role": "user", "content": [{"type": "image", "image": Image.open(p)} for p in images]
+         + [{"type": "text", "text": prompt}]}]
+    inputs = ref_processor.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        out = fx.reference_model(tiny_untied).generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS)
+    new = out[0, inputs["input_ids"].size(1):].tolist()
+    assert len(new) == NEW_TOKENS  # no early stop: all 32 tokens are compared
+    tokenizer = load_qwen.load_tokenizer(tiny_untied)
+    assert list(generate.generate(ours[0], *load_qwen.encode_chat(tokenizer, messages), NEW_TOKENS)) == new
+    want = tokenizer.decode(new, skip_special_tokens=True)
+
+    stdout, stderr = processes[case].communicate(timeout=300)
+    assert processes[case].returncode == 0, stderr
+    assert stdout == want + "\n"  # streamed pieces add up to the whole; the prompt is not echoed
+    assert f"prompt {inputs['input_ids'].size(1)} tokens" in stderr and "tokens/s" in stderr
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's tensors are too small to share between threads; on a busy machine a second
+    thread mostly waits for a core (generate.py's processes get OMP_NUM_THREADS=1 likewise)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_untied):
+    model = load_qwen.load_model(tiny_untied)
+    messages = [{"role": "user", "content": [{"type": "image", "image": CAT}, {"type": "text", "text": "Hi"}]}]
+    return model, load_qwen.encode_chat(load_qwen.load_tokenizer(tiny_untied), messages)
+
+
+def run(model, prompt, **options):
+    return list(generate.generate(model, *prompt, max_new_tokens=12, **options))
+
+
+def test_seeded_sampling_is_reproducible(ours):
+    model, prompt = ours
+    options = dict(temperature=0.7, top_k=20, top_p=0.8)
+    first = run(model, prompt, seed=1, **options)
+    assert len(first) == 12 and run(model, prompt, seed=1, **options) == first
+    assert run(model, prompt, seed=2, **options) != first
+
+
+def test_top_k_1_is_greedy(ours):
+    model, prompt = ours
+    assert run(model, prompt, temperature=1.0, top_k=1, seed=3) == run(model, prompt, temperature=0.0)
+
+
+def test_stop_tokens_stop(ours, tiny_untied):
+    model, prompt = ours
+    greedy = run(model, prompt)
+    stop = greedy[8]
+    assert run(model, prompt, stop_tokens=(stop,)) == greedy[:greedy.index(stop) + 1]  # yielded, then done
+    official = json.loads((Path(tiny_untied) / "generation_config.json").read_text())["eos_token_id"]
+    assert sorted(generate.STOP_TOKENS) == sorted(official)  # <|im_end|>, <|endoftext|>
+
+
+def test_sample_filters():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0]])
+    g = torch.Generator().manual_seed(0)
+
+    def draws(**options):  # every token that 200 draws come up with
+        return {int(generate.sample(logits, generator=g, **options)) for _ in range(200)}
+
+    assert draws(temperature=1.0, top_k=2) == {1, 2}
+    assert draws(temperature=1.0, top_p=0.3) == {1}  # the likeliest token alone holds more than 0.3
+    assert draws(temperature=1.0) == {0, 1, 2, 3}
+    assert int(generate.sample(logits)) == 1  # temperature 0: greedy
+
+
+def test_pvm_file_attaches(ours, tiny_untied, tmp_path):
+    """A PVM file loads through load_model(pvm=...) and acts on every decoded token; at gate 0 the
+    answer is the base model's."""
+    model, prompt = ours
+    base = run(model, prompt)
+    with_pvm = pvm.attach_pvm(load_qwen.load_model(tiny_untied), [1, 3], 64)
+    pvm.save_pvm(with_pvm, tmp_path / "pvm.safetensors")
+    loaded = load_qwen.load_model(tiny_untied, pvm=tmp_path / "pvm.safetensors")
+    assert run(loaded, prompt) == base
+    for layer in (1, 3):
+        loaded.layers[layer].pvm_block.gate_alpha.data.fill_(1.0)
+    assert run(loaded, prompt) != base
