@@ -90,17 +90,10 @@ def config_from_hf(hf):
 # Checkpoint tensor name -> our parameter name; {} is a layer / block / merger index.
 WEIGHT_MAP = {
     "model.language_model.embed_tokens.weight": "embed_tokens.weight",
-    "model.language_model.layers.{}.input_layernorm.weight": "layers.{}.input_layernorm.weight",
-    "model.language_model.layers.{}.self_attn.q_proj.weight": "layers.{}.self_attn.q_proj.weight",
-    "model.language_model.layers.{}.self_attn.k_proj.weight": "layers.{}.self_attn.k_proj.weight",
-    "model.language_model.layers.{}.self_attn.v_proj.weight": "layers.{}.self_attn.v_proj.weight",
-    "model.language_model.layers.{}.self_attn.o_proj.weight": "layers.{}.self_attn.o_proj.weight",
-    "model.language_model.layers.{}.self_attn.q_norm.weight": "layers.{}.self_attn.q_norm.weight",
-    "model.language_model.layers.{}.self_attn.k_norm.weight": "layers.{}.self_attn.k_norm.weight",
-    "model.language_model.layers.{}.post_attention_layernorm.weight": "layers.{}.post_attention_layernorm.weight",
-    "model.language_model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.gate_proj.weight",
-    "model.language_model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.up_proj.weight",
-    "model.language_model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.down_proj.weight",
+    **{f"model.language_model.layers.{{}}.{m}.weight": f"layers.{{}}.{m}.weight" for m in (
+        "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "self_attn.q_norm", "self_attn.k_norm", "post_attention_layernorm",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},
     "model.language_model.norm.weight": "norm.weight",
     "lm_head.weight": "lm_head.weight",  # absent or a copy of the embedding in tied checkpoints
     "model.visual.patch_embed.proj.weight": "visual.patch_embed.weight",  # Conv3d kernel, flattened
@@ -111,6 +104,8 @@ WEIGHT_MAP = {
     **{f"model.visual.{merger}.{m}.{p}": f"visual.{merger}.{m}.{p}" for p in ("weight", "bias")
        for merger in ("merger", "deepstack_merger_list.{}") for m in ("norm", "linear_fc1", "linear_fc2")},
 }
+
+
 def _rename(name, table):
     """Rename through a {pattern: pattern} table whose {} match layer indices; None if no match."""
     for pattern, target in table.items():
