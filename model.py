@@ -115,12 +115,18 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, config.rms_norm_eps)  # per head, before RoPE
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache):
+    def qkv(self, x, cos, sin):
+        """Queries (B, nh, T, hd), keys and values (B, nkv, T, hd) of x (B, T, D), RoPE applied;
+        also used by generate.py's attention report to recompute a step's query."""
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)               # (B, nkv, T, hd)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                                   # (B, nkv, S, hd)
         # mask None means "plain causal" (or a single query that may see every key)
@@ -217,14 +223,16 @@ class Qwen3VL(nn.Module):
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)                                                  # (B, T, D)
         is_image = input_ids == self.config.image_token_id                               # (B, T)
+        L = 0 if cache is None else cache.length
         deepstack = []
+        if L == 0 and pixel_values is None and bool(is_image.any()):
+            raise ValueError("prompt holds <|image_pad|> tokens but no pixel_values were given")
         if pixel_values is not None:
             image_embeds, deepstack = self.visual(pixel_values, image_grid_thw)           # (Nv, D), 3 x (Nv, D)
             if int(is_image.sum()) != len(image_embeds):
                 raise ValueError(f"prompt holds {int(is_image.sum())} <|image_pad|> tokens but the images "
                                  f"give {len(image_embeds)} visual tokens")
             x = x.masked_scatter(is_image[..., None], image_embeds.to(x.dtype))
-        L = 0 if cache is None else cache.length
         if L == 0:
             positions, next_position = rope_positions(input_ids, image_grid_thw, attention_mask,
                                                       self.config.image_token_id)
