@@ -4,17 +4,24 @@ then one token at a time with the preallocated KV cache, the text streamed as it
 
     python generate.py --image cat.jpg
     python generate.py --image a.jpg --image b.jpg --prompt "What differs?" --temperature 0
+    python generate.py --image cat.jpg --report report.png      # also writes report.json
 
 `generate(...)` is the loop on its own, a Python generator of token ids, for notebooks and
-bench.py; the rest of the file is the command line around it. Left out on purpose: batches,
-beam search, repetition penalties, video.
+bench.py; `AttentionReport` watches it to show PVM's problem (the image's attention share thinning
+as the answer grows); the rest of the file is the command line around them. Left out on purpose:
+batches, beam search, repetition penalties, video.
 """
 import argparse
+import contextlib
+import json
 import random
 import sys
 import time
+from functools import partial
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tokenizers.decoders import DecodeStream
 
 from load_qwen import encode_chat, load_model, load_tokenizer, read_json, resolve_checkpoint
@@ -71,13 +78,65 @@ def generate(model, input_ids, pixel_values=None, image_grid_thw=None, max_new_t
     step = torch.compile(decode_step, dynamic=True) if compile else decode_step
     hidden = model.hidden_states(input_ids.to(weight.device), pixel_values, image_grid_thw, cache=cache)
     logits = model.lm_head(hidden[:, -1])                             # (1, V): only the last position matters
-    for _ in range(max_new_tokens):
+    for n in range(1, max_new_tokens + 1):
         token = sample(logits, temperature, top_k, top_p, generator)  # (1,)
         token_id = token.item()
         yield token_id
-        if token_id in stop_tokens:
+        if token_id in stop_tokens or n == max_new_tokens:  # no decoding step whose logits go unused
             return
         logits = step(model, token[:, None], cache)
+
+
+class AttentionReport:
+    """Watches generate() from a `with` block: at the query that chose each token (the prompt's last
+    position, then each token fed back) and in every decoder layer, each head's attention mass on the
+    image's tokens and on the text (they sum to 1), and |PVM(a)| / |FFN(a)| at PVM layers. SDPA never
+    returns its weights, so hooks recompute them; without a report there are no hooks and no cost."""
+
+    def __init__(self, model, input_ids):
+        self.is_image = (input_ids[0] == model.config.image_token_id).to(model.embed_tokens.weight.device)  # (T,)
+        self.mass = [[] for _ in model.layers]  # per layer, per step: (nh, 2) mass on the image, on the text
+        self.pvm, self.ffn = {}, {}             # per PVM layer: per step |PVM| / |FFN|; this step's |FFN|
+        self.hooks = [layer.self_attn.register_forward_hook(self.attention_mass) for layer in model.layers]
+        for i, layer in enumerate(model.layers):
+            if layer.pvm_block is not None:
+                self.pvm[i] = []
+                self.hooks += [layer.mlp.register_forward_hook(partial(self.ffn_size, i)),
+                               layer.pvm_block.register_forward_hook(partial(self.pvm_size, i))]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+
+    def attention_mass(self, attn, args, out):
+        """The softmax that SDPA took inside forward, for the step's last query, written out."""
+        x, cos, sin, mask, cache = args
+        q = attn.qkv(x[:, -1:], cos[:, :, -1:], sin[:, :, -1:])[0].float()            # (1, nh, 1, hd)
+        S = cache.length + x.size(1)  # the cache advances after the last layer; it holds this step's keys
+        k = cache.k_layers[attn.layer_idx][:, :, :S].float()                        # (1, nkv, S, hd)
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)                      # (1, nh, S, hd)
+        scores = (q @ k.transpose(-1, -2)) * attn.head_dim**-0.5                    # (1, nh, 1, S)
+        if mask is not None:  # padding only: the last query is causally allowed every cached key
+            scores = scores.masked_fill(~mask[:, :, -1:], float("-inf"))
+        on_image = F.pad(self.is_image, (0, S - len(self.is_image)))                # (S,): generated = text
+        groups = torch.stack([on_image, ~on_image], dim=1).float()                  # (S, 2)
+        self.mass[attn.layer_idx].append(scores.softmax(dim=-1)[0, :, 0] @ groups)  # (nh, 2)
+
+    def ffn_size(self, i, mlp, args, out):  # the FFN runs before the PVM branch (model.DecoderLayer)
+        self.ffn[i] = out[0, -1].float().norm()
+
+    def pvm_size(self, i, block, args, out):
+        self.pvm[i].append(out[0, -1].float().norm() / self.ffn[i])
+
+    def summary(self, tokens):
+        """The raw numbers of report.json; the lists are indexed [generated token][layer]."""
+        share = torch.stack([torch.stack(per_step)[..., 0].mean(-1) for per_step in self.mass], dim=1)  # head mean
+        ratio = torch.stack([torch.stack(r) for r in self.pvm.values()], dim=1).tolist() if self.pvm else []
+        return {"prompt_tokens": len(self.is_image), "image_tokens": int(self.is_image.sum()), "tokens": tokens,
+                "image_share": share.tolist(), "pvm_layers": list(self.pvm), "pvm_ratio": ratio}
 
 
 def parse_args(argv=None):
@@ -97,6 +156,9 @@ def parse_args(argv=None):
     p.add_argument("--pvm", help="file of trained PVM weights to attach (see pvm.py)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step (its first call compiles: the rate shown includes that)")
+    p.add_argument("--report", metavar="FILE.png",
+                   help="record the image's share of attention at every token and layer; plot it to FILE.png "
+                        "and write the numbers to FILE.json (needs matplotlib)")
     return p.parse_args(argv)
 
 
@@ -113,6 +175,8 @@ def sampling_defaults(args, checkpoint):
 
 
 def main(args):
+    if args.report:
+        check_report(args.report, args.compile)
     checkpoint = resolve_checkpoint(args.model)  # one download or cache lookup, shared by all below
     sampling_defaults(args, checkpoint)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -124,13 +188,18 @@ def main(args):
     messages = system + [{"role": "user", "content": content}]
     input_ids, pixel_values, image_grid_thw = encode_chat(tokenizer, messages)  # images are read here
     model = load_model(checkpoint, args.device, dtype, pvm=args.pvm)
-    stream, times = DecodeStream(skip_special_tokens=True), [time.perf_counter()]
-    for token in generate(model, input_ids, pixel_values, image_grid_thw, args.max_new_tokens, args.temperature,
-                          args.top_k, args.top_p, args.seed, compile=args.compile):
-        times.append(time.perf_counter())
-        text = stream.step(tokenizer, token)  # None while a UTF-8 character is still incomplete
-        print(text or "", end="", flush=True)
+    report = AttentionReport(model, input_ids) if args.report else contextlib.nullcontext()
+    stream, times, tokens = DecodeStream(skip_special_tokens=True), [time.perf_counter()], []
+    with report:
+        for token in generate(model, input_ids, pixel_values, image_grid_thw, args.max_new_tokens,
+                              args.temperature, args.top_k, args.top_p, args.seed, compile=args.compile):
+            times.append(time.perf_counter())
+            tokens.append(token)
+            text = stream.step(tokenizer, token)  # None while a UTF-8 character is still incomplete
+            print(text or "", end="", flush=True)
     print()
+    if args.report:
+        write_report(report.summary(tokens), args.report)
     # the first token comes out of the prefill, every later one out of a decoding step
     prefill, n = (times[1] - times[0] if len(times) > 1 else 0.0), max(len(times) - 2, 0)
     rate = n / (times[-1] - times[1]) if n else 0.0
@@ -146,6 +215,48 @@ def cli(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def check_report(path, compile):
+    """Refuse a --report that could not be written before the model loads, not after the answer."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase  # optional: only the report needs it
+    except ImportError:
+        raise ValueError("--report needs matplotlib (pip install matplotlib)") from None
+    if Path(path).suffix[1:] not in FigureCanvasBase.get_supported_filetypes() or not Path(path).parent.is_dir():
+        raise ValueError(f"--report {path}: needs an existing directory and a figure suffix such as .png")
+    if compile:
+        raise ValueError("--report and --compile do not go together: the report's hooks recompile every step")
+
+
+def write_report(numbers, path):
+    """The numbers to FILE.json; to FILE.png the image's share of attention against the generated
+    position, one line per third of the decoder, with the 1/length trend of dilution, and below it
+    the PVM branch's size where attached."""
+    from matplotlib.figure import Figure
+
+    Path(path).with_suffix(".json").write_text(json.dumps(numbers) + "\n")
+    share, pvm = torch.tensor(numbers["image_share"]), torch.tensor(numbers["pvm_ratio"])  # (N, layers), (N, P)
+    x = torch.arange(1, len(share) + 1)                          # generated position of the chosen token
+    keys = numbers["prompt_tokens"] + x - 1                      # how many keys its query attends to
+    fig = Figure(figsize=(7, 6.5 if len(pvm) else 4), layout="constrained")
+    axes = fig.subplots(2 if len(pvm) else 1, 1, sharex=True, squeeze=False)[:, 0]
+    for name, group in zip(("early", "middle", "late"), torch.arange(share.size(1)).tensor_split(3)):
+        if len(group):
+            span = f"layer {group[0]}" if len(group) == 1 else f"layers {group[0]}-{group[-1]}"
+            axes[0].plot(x, share[:, group].mean(1), label=f"{name}: {span}")
+    axes[0].plot(x, share[0].mean() * keys[0] / keys, "k--", label="1 / length, from the first token")
+    axes[0].set(ylabel="attention share on the image", xscale="log", ylim=(0, None),
+                title=f"{numbers['image_tokens']} image tokens in a prompt of {numbers['prompt_tokens']}, "
+                      "mean over heads")
+    for j, layer in enumerate(numbers["pvm_layers"]):
+        axes[1].plot(x, pvm[:, j], label=f"PVM at layer {layer}")
+        axes[1].set(ylabel="|PVM| / |FFN| at the new token", ylim=(0, None))
+    for ax in axes:
+        ax.legend()
+    axes[-1].set_xlabel("generated position (log scale)")
+    axes[-1].xaxis.set_major_formatter("{x:g}")  # 1, 10, 100 rather than 10^0, 10^1, 10^2
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,132 @@
+"""generate.py --report: the recorded attention shares equal transformers' attention weights, recording
+changes no token, the PVM ratio is non-zero exactly where PVM writes, and a report that cannot be
+written is refused before the model loads."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fixtures as fx
+import generate
+import load_qwen
+import pvm
+
+CAT = Path(__file__).resolve().parent.parent / "cat.jpg"
+IMAGE = 151655
+N = 24  # generated tokens
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's tensors are too small to share between threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def encode(checkpoint, image=True):
+    content = [{"type": "image", "image": CAT}] * image + [{"type": "text", "text": "Describe this image."}]
+    return load_qwen.encode_chat(load_qwen.load_tokenizer(checkpoint), [{"role": "user", "content": content}])
+
+
+def recorded(model, prompt, **options):
+    """The generated tokens and the report that watched them."""
+    with generate.AttentionReport(model, prompt[0]) as report:
+        tokens = list(generate.generate(model, *prompt, max_new_tokens=N, **options))
+    return tokens, report
+
+
+def test_shares_are_the_reference_attention_weights(tiny_untied):
+    model, prompt = load_qwen.load_model(tiny_untied), encode(tiny_untied)
+    tokens, report = recorded(model, prompt)
+    assert len(tokens) == N and all(not layer.self_attn._forward_hooks for layer in model.layers)  # hooks gone
+    mass = torch.stack([torch.stack(per_step) for per_step in report.mass], dim=1)  # (N, layers, nh, 2)
+    assert mass.shape == (N, 4, 4, 2) and ((mass >= 0) & (mass <= 1)).all()
+    assert (mass.sum(-1) - 1).abs().max() <= 1e-6  # image + text, per head
+
+    # the oracle: transformers' eager attention weights of one forward over the prompt and the answer
+    ids, T = torch.cat([prompt[0], torch.tensor([tokens])], dim=1), prompt[0].size(1)
+    with torch.no_grad():
+        out = fx.reference_model(tiny_untied)(input_ids=ids, pixel_values=prompt[1], image_grid_thw=prompt[2],
+                                              mm_token_type_ids=(ids == IMAGE).int(), output_attentions=True)
+    queries = torch.arange(T - 1, T - 1 + N)  # the query that chose each generated token
+    # each layer's weights (1, nh, S, S): rows of those queries, summed over the image's columns
+    want = torch.stack([a[0][:, queries][..., ids[0] == IMAGE].sum(-1).T for a in out.attentions], 1)  # (N, L, nh)
+    assert (mass[..., 0] - want).abs().max() <= 1e-5
+    summary = report.summary(tokens)
+    assert (torch.tensor(summary["image_share"]) - want.mean(-1)).abs().max() <= 1e-5  # mean over heads
+    assert summary["prompt_tokens"] == T and summary["image_tokens"] == int((prompt[0] == IMAGE).sum())
+
+
+def test_report_changes_no_token(tiny_untied, tmp_path, capsys, monkeypatch):
+    args = ["--model", tiny_untied, "--image", CAT, "--max-new-tokens", N, "--seed", 3]  # sampling, seeded
+    with monkeypatch.context() as m:
+        m.setattr(generate, "AttentionReport", None)  # the plain path never builds a report
+        assert generate.cli(list(map(str, args))) == 0
+    plain = capsys.readouterr().out
+    assert generate.cli(list(map(str, args + ["--report", tmp_path / "report.png"]))) == 0
+    assert capsys.readouterr().out == plain
+    numbers = json.loads((tmp_path / "report.json").read_text())
+    assert len(numbers["tokens"]) == len(numbers["image_share"]) and len(numbers["image_share"][0]) == 4
+    assert numbers["pvm_layers"] == [] and numbers["pvm_ratio"] == []
+    model = load_qwen.load_model(tiny_untied)
+    options = dict(temperature=0.7, top_k=20, top_p=0.8, seed=3)  # the checkpoint's generation_config.json
+    assert numbers["tokens"] == list(generate.generate(model, *encode(tiny_untied), N, **options))
+    assert (tmp_path / "report.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_pvm_ratio_is_nonzero_exactly_at_text_after_an_image(tiny_untied):
+    torch.manual_seed(0)
+    model = pvm.attach_pvm(load_qwen.load_model(tiny_untied), [1, 3], 64)
+
+    def ratios(image, gate):
+        for i in (1, 3):
+            model.layers[i].pvm_block.gate_alpha.data.fill_(gate)
+        prompt = encode(tiny_untied, image)
+        tokens, report = recorded(model, prompt)
+        assert list(report.pvm) == [1, 3]
+        return prompt, tokens, torch.stack([torch.stack(r) for r in report.pvm.values()])  # (2, N)
+
+    prompt, tokens, with_image = ratios(image=True, gate=0.5)
+    assert with_image.shape == (2, N) and (with_image > 0).all()  # every generated token is text
+    # the same ratio from one forward over the prompt and the answer, at the queries that chose the tokens
+    sizes, T = {}, prompt[0].size(1)  # (layer, "ffn" / "pvm") -> (S,) norm of the output at each position
+    modules = {(i, name): getattr(model.layers[i], attr)
+               for i in (1, 3) for name, attr in (("ffn", "mlp"), ("pvm", "pvm_block"))}
+    hooks = [m.register_forward_hook(lambda m, args, out, key=key: sizes.update({key: out[0].norm(dim=-1)}))
+             for key, m in modules.items()]
+    with torch.no_grad():
+        model(torch.cat([prompt[0], torch.tensor([tokens[:-1]])], dim=1), *prompt[1:])
+    for hook in hooks:
+        hook.remove()
+    want = torch.stack([sizes[i, "pvm"][T - 1:] / sizes[i, "ffn"][T - 1:] for i in (1, 3)])  # (2, N)
+    assert ((with_image - want).abs() / want).max() <= 1e-4
+    assert (ratios(image=False, gate=0.5)[2] == 0).all()
+    assert (ratios(image=True, gate=0.0)[2] == 0).all()
+
+
+REFUSED = {
+    "no matplotlib": (["--report", "{tmp}/r.png"], "--report needs matplotlib (pip install matplotlib)"),
+    "json suffix": (["--report", "{tmp}/r.json"], "a figure suffix such as .png"),
+    "no directory": (["--report", "{tmp}/missing/r.png"], "needs an existing directory"),
+    "compile": (["--report", "{tmp}/r.png", "--compile"], "--report and --compile do not go together"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_unwritable_report_refused_before_loading(case, tmp_path, capsys, monkeypatch):
+    def no_loading(*args):
+        raise AssertionError("the model was looked up before the report was checked")
+    monkeypatch.setattr(generate, "resolve_checkpoint", no_loading)
+    if case == "no matplotlib":
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
+        monkeypatch.setitem(sys.modules, "matplotlib.backend_bases", None)
+    args, message = REFUSED[case]
+    assert generate.cli(["--image", str(CAT)] + [a.format(tmp=tmp_path) for a in args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("error: ") and message in err
+    if case == "no matplotlib":
+        assert err == f"error: {message}\n"
