@@ -130,9 +130,77 @@ def bench(size, args):
           f"{dec_o:.0f} / {dec_t:.0f} tok/s | {dec_o / dec_t:.2f}x |", flush=True)
 
 
+def best_time(fn, sync, repeats=3):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_train(size, args, grad_ckpt):
+    """One PVM optimizer step (forward, backward, clip, AdamW) against one forward pass of the same
+    sample as the step computes it (hidden states, the head on the reply): a 512x512 image and 768
+    text tokens, half of them the reply. PVM at the 4B's relative depth and width (5, 11, 17 of 36
+    layers, 512 of 2560 wide), scaled to the model; gates opened to 0.1 as after some training."""
+    import train
+    from model import Qwen3VL
+    from pvm import PRESETS, attach_pvm
+
+    device, cuda = args.device, args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    config = load_qwen.config_from_hf(config_dict(size))
+    layers = sorted({round(i * config.num_layers / 36) for i in PRESETS["4b"]})
+    width = max(config.head_dim, round(config.hidden_size / 5 / config.head_dim) * config.head_dim)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3VL(config).to(getattr(torch, args.dtype)).eval().requires_grad_(False)
+    attach_pvm(model, layers, width)
+    for i in layers:
+        model.layers[i].pvm_block.float()  # float32 master weights, as train.py keeps them
+        model.layers[i].pvm_block.gate_alpha.data.fill_(0.1)
+    model.gradient_checkpointing = grad_ckpt
+    image = Image.new("RGB", (512, 512), (120, 30, 200))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "x" * 364}]},
+                {"role": "assistant", "content": "y" * 384}]
+    batch = train.encode((messages, "bench"), train.tiny_tokenizer(), device)  # byte tokens: one per character
+    loss_model, params = train.AssistantLoss(model), [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    def step():
+        model.train()
+        with autocast:
+            loss_model(*batch).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def forward():
+        model.eval()
+        with autocast:
+            loss_model(*batch)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t_step = best_time(step, sync)
+    peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else "-"
+    t_forward = best_time(forward, sync)
+    tokens = batch[0].size(1)
+    print(f"| {size}, PVM at {layers} width {width} | {'on' if grad_ckpt else 'off'} | {tokens} | "
+          f"{t_step * 1000:.0f} / {t_forward * 1000:.0f} ms | {t_step / t_forward:.2f}x | "
+          f"{tokens / t_step:.0f} | {peak} |", flush=True)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", nargs="+", default=["tiny", "110m"], choices=["tiny", "110m", "4b"])
+    p.add_argument("--sizes", nargs="*", default=["tiny", "110m"], choices=["tiny", "110m", "4b"],
+                   help="sizes for the generation measurement (none: skip it)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=1,
@@ -140,10 +208,20 @@ if __name__ == "__main__":
     p.add_argument("--runs", type=int, default=5, help="timed runs per side; the median is reported")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--compile", action="store_true", help="torch.compile our decoding step")
+    p.add_argument("--train-sizes", nargs="*", default=["110m"], choices=["tiny", "110m", "4b"],
+                   help="sizes for the training-step measurement (none: skip it)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{args.device} {args.dtype}, {args.threads} threads, greedy, 448x448 image + 32 prompt tokens, "
           f"{args.new_tokens} new tokens, median of {args.runs}{', compiled' if args.compile else ''}")
-    print("| model | prefill ours / theirs | speed-up | decode ours / theirs | speed-up |\n|---|---|---|---|---|")
+    if args.sizes:
+        print("| model | prefill ours / theirs | speed-up | decode ours / theirs | speed-up |\n|---|---|---|---|---|")
     for size in args.sizes:
         bench(size, args)
+    if args.train_sizes:
+        print("\ntraining step (train.py) against one forward pass of the same sample\n"
+              "| model | checkpointing | tokens | step / forward | ratio | tokens/s | peak memory |\n"
+              "|---|---|---|---|---|---|---|")
+        for size in args.train_sizes:
+            for grad_ckpt in (False, True):
+                bench_train(size, args, grad_ckpt)
