@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -44,3 +45,13 @@ def ref_processor(tiny_tied):
 def photos():
     """Real photos as PIL images; see fixtures.photos()."""
     return fx.photos()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny models' tensors are too small to share between threads: on a busy machine a second
+    thread mostly waits for a core. Modules that generate or train take this; the rest keep the default."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,6 +17,8 @@ import generate
 import load_qwen
 import pvm
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 REPO = Path(__file__).resolve().parent.parent
 CAT = REPO / "cat.jpg"
 NEW_TOKENS = 32
@@ -79,15 +81,6 @@ def test_greedy_cli_equals_reference(case, cli_runs, tiny_untied, ref_processor,
     assert stdout == want + "\n"  # streamed pieces add up to the whole; the prompt is not echoed
     assert f"prompt {inputs['input_ids'].size(1)} tokens" in stderr and "tokens/s" in stderr
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's tensors are too small to share between threads; on a busy machine a second
-    thread mostly waits for a core (generate.py's processes get OMP_NUM_THREADS=1 likewise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

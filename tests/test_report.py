@@ -13,18 +13,12 @@ import generate
 import load_qwen
 import pvm
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 CAT = Path(__file__).resolve().parent.parent / "cat.jpg"
 IMAGE = 151655
 N = 24  # generated tokens
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's tensors are too small to share between threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def encode(checkpoint, image=True):

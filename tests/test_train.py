@@ -12,14 +12,8 @@ from safetensors.torch import load_file
 import load_qwen
 import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices run faster on one thread (train.main does the same); the session gets its own back."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_args(out, *extra):

@@ -13,17 +13,11 @@ from safetensors.torch import load_file
 import train
 from test_train import tiny_args
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices run faster on one thread (train.main does the same); the session gets its own back."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_two_gloo_processes_equal_one_with_accumulation(tmp_path):
