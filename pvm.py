@@ -2,13 +2,11 @@
 Persistent Visual Memory (PVM, arXiv 2605.00814): a small cross-attention branch beside the FFN of
 a few decoder layers that keeps the model looking at the image however long the answer grows.
 
-Why: the image tokens sit once at the start of the context, and every generated token adds a term
-to each self-attention softmax, so the share of attention they get decays roughly like 1/length.
-PVM's softmax runs over the visual tokens ONLY, never over the text history, so what it reads from
-the image does not thin out as the answer grows:
-
-    h = a + FFN(RMSNorm(a)) + PVM(a, V)      a: the residual stream after self-attention
-                                             V: the image embeddings as they entered the decoder
+The image's tokens sit once at the start of the context and every generated token adds a term to
+each self-attention softmax, so their share of attention decays roughly like 1/length. PVM's
+softmax runs over the visual tokens ONLY, never over the text history, so what it reads from the
+image does not thin out:   h = a + FFN(RMSNorm(a)) + PVM(a, V)
+with a the residual stream after self-attention and V the image embeddings as they entered the decoder.
 
 Shape legend: B batch, T text positions, Nv visual tokens (padded), D model width, d latent width,
 nq / nkv latent query / key-value heads, hd head width.
@@ -69,8 +67,7 @@ class PVMBlock(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)
 
-    def forward(self, a, bank, bank_mask, is_image):
-        """a (B, T, D), bank (B, Nv, D), bank_mask (B, Nv), is_image (B, T) -> (B, T, D)."""
+    def forward(self, a, bank, bank_mask, is_image):  # (B, T, D), (B, Nv, D), (B, Nv), (B, T) -> (B, T, D)
         if bank.size(1) == 0:  # no image anywhere in the batch: PVM adds nothing
             return torch.zeros_like(a)
         t = self.input_norm(self.text_reducer(a))                                 # (B, T, d)
@@ -88,9 +85,8 @@ def attach_pvm(model, layers, d=512):
     if d <= 0 or d % config.head_dim or not layers or not all(0 <= i < config.num_layers for i in layers):
         raise ValueError(f"PVM needs layers within 0..{config.num_layers - 1} and a width that is a multiple "
                          f"of head_dim {config.head_dim}; got layers {list(layers)}, width {d}")
-    param = model.embed_tokens.weight
     for i in layers:
-        model.layers[i].pvm_block = PVMBlock(config, d).to(param.device, param.dtype)
+        model.layers[i].pvm_block = PVMBlock(config, d).to(model.embed_tokens.weight)  # its device and dtype
     config.pvm_layers, config.pvm_dim = tuple(sorted(layers)), d
     return model
 
@@ -105,7 +101,7 @@ def pvm_state_dict(model):
 def save_pvm(model, path):
     """Write the PVM weights alone as safetensors; atomically (temporary file, then rename)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in pvm_state_dict(model).items()}
-    save_file(tensors, f"{path}.tmp", metadata={"pvm_dim": str(model.config.pvm_dim)})
+    save_file(tensors, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
 
@@ -116,24 +112,21 @@ def load_pvm(model, path):
         tensors = load_file(path)
     except Exception as e:  # missing, truncated or not a safetensors file
         raise ValueError(f"cannot read PVM weights {path}: {e}") from None
-    found = [re.fullmatch(r"model\.language_model\.layers\.(\d+)\.pvm_block\.[\w.]+", name) for name in tensors]
+    found = [re.fullmatch(r"model\.language_model\.layers\.(\d+)\.pvm_block\..+", name) for name in tensors]
     if not found or None in found:
         raise ValueError(f"{path} is not a file of PVM weights (model.language_model.layers.N.pvm_block.*)")
     layers = tuple(sorted({int(m.group(1)) for m in found}))
     d = next((t.shape[0] for name, t in tensors.items() if name.endswith("text_reducer.weight")), 0)
-    config = model.config
-    if not config.pvm_layers:
+    if not model.config.pvm_layers:
         attach_pvm(model, layers, d)
-    elif (layers, d) != (config.pvm_layers, config.pvm_dim):
+    if (layers, d) != (model.config.pvm_layers, model.config.pvm_dim):
         raise ValueError(f"{path} holds PVM at layers {list(layers)} with width {d}; the model carries it "
-                         f"at layers {list(config.pvm_layers)} with width {config.pvm_dim}")
+                         f"at layers {list(model.config.pvm_layers)} with width {model.config.pvm_dim}")
     expected = pvm_state_dict(model)
-    if odd := sorted(expected.keys() ^ tensors.keys()):
-        raise ValueError(f"{path} does not hold the tensors of PVM blocks of width {d}: {odd[0]}")
+    for name in sorted(expected.keys() | tensors.keys()):
+        if name not in tensors or name not in expected or tensors[name].shape != expected[name].shape:
+            raise ValueError(f"{path}: {name} does not fit the model's PVM blocks of width {d}")
     with torch.no_grad():
         for name, tensor in tensors.items():
-            if tensor.shape != expected[name].shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, "
-                                 f"the model expects {tuple(expected[name].shape)}")
             expected[name].copy_(tensor)
     return model
