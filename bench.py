@@ -208,7 +208,7 @@ if __name__ == "__main__":
     p.add_argument("--runs", type=int, default=5, help="timed runs per side; the median is reported")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--compile", action="store_true", help="torch.compile our decoding step")
-    p.add_argument("--train-sizes", nargs="*", default=["110m"], choices=["tiny", "110m", "4b"],
+    p.add_argument("--train-sizes", nargs="*", default=["110m"], choices=["110m", "4b"],
                    help="sizes for the training-step measurement (none: skip it)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -53,66 +53,64 @@ SIZES = {  # default checkpoint, decoder layers that carry a PVM block, PVM widt
 # -----------------------------------------------------------------------------
 # data: JSON lines in either format -> chat messages (as load_qwen.chat_text reads them)
 
-def content_parts(content, images, root, where):
-    """A message's content as parts. Each "<image>" in a text and each {"type": "image"} part takes
-    the sample's next image path (or the part's own); paths are relative to the data file."""
-    def image_part(path=None):
+ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
+
+
+def to_messages(line, root, where):
+    """One JSON line in either format -> chat messages. Each "<image>" in a text and each {"type": "image"}
+    part takes the sample's next image (or the part's own path); images without any placeholder go in front
+    of the first user turn. Paths are relative to `root`, the data file's directory; errors name `where`."""
+    def fail(message):
+        raise ValueError(f"{where}: {message}")
+
+    def image(path=None):  # the part's own path, else the sample's next one
         if (path := path or next(images, None)) is None:
-            raise ValueError(f"{where}: more image placeholders than images")
+            fail("more image placeholders than images")
         return {"type": "image", "image": str(Path(root, path))}  # an absolute path stays as it is
-    if isinstance(content, str):
-        content = [{"type": "text", "text": content}]
-    if not isinstance(content, list) or not all(isinstance(part, dict) for part in content):
-        raise ValueError(f"{where}: message content must be a string or a list of parts")
-    parts = []
-    for part in content:
-        if part.get("type") == "image" or "image" in part:
-            parts.append(image_part(part.get("image") if isinstance(part.get("image"), str) else None))
-        elif isinstance(part.get("text"), str):  # LLaVA style: "<image>" placeholders inside the text
-            for k, text in enumerate(part["text"].split("<image>")):
-                parts += ([image_part()] if k else []) + ([{"type": "text", "text": text}] if text else [])
-    return parts
 
-
-def to_messages(record, root, where):
-    """One JSON line in either format -> chat messages; raises ValueError naming `where` (file:line)."""
-    roles = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
-    llava = isinstance(record, dict) and "conversations" in record
-    turns, images = (record.get("conversations"), record.get("image")) if llava else \
-                    (record.get("messages"), record.get("images")) if isinstance(record, dict) else (None, None)
-    images = [images] if isinstance(images, str) else images or []
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    record = record if isinstance(record, dict) else {}
+    llava = "conversations" in record
+    turns, paths = (record.get(key) for key in (("conversations", "image") if llava else ("messages", "images")))
+    paths = [paths] if isinstance(paths, str) else paths or []
     if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-        raise ValueError(f'{where}: expected a list of turns under "conversations" (LLaVA) or "messages" (chat)')
-    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-        raise ValueError(f"{where}: images must be a path or a list of paths")
-    images, messages = iter(images), []
+        fail('expected a list of turns under "conversations" (LLaVA) or "messages" (chat)')
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        fail("images must be a path or a list of paths")
+    images, messages = iter(paths), []
     for turn in turns:
         role, content = (turn.get("from"), turn.get("value")) if llava else (turn.get("role"), turn.get("content"))
-        if role not in roles:
-            raise ValueError(f"{where}: unknown role {role!r}")
-        messages.append({"role": roles[role], "content": content_parts(content, images, root, where)})
-    if rest := list(images):  # images without any placeholder go in front of the first user turn
+        if role not in ROLES:
+            fail(f"unknown role {role!r}")
+        content = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(content, list) or not all(isinstance(part, dict) for part in content):
+            fail("message content must be a string or a list of parts")
+        parts = []
+        for part in content:
+            if part.get("type") == "image" or "image" in part:
+                parts.append(image(part["image"] if isinstance(part.get("image"), str) else None))
+            elif isinstance(part.get("text"), str):  # LLaVA style: "<image>" placeholders inside the text
+                for k, text in enumerate(part["text"].split("<image>")):
+                    parts += ([image()] if k else []) + ([{"type": "text", "text": text}] if text else [])
+        messages.append({"role": ROLES[role], "content": parts})
+    if rest := list(images):
         user = next((m for m in messages if m["role"] == "user"), None)
         if user is None or any(p["type"] == "image" for m in messages for p in m["content"]):
-            raise ValueError(f"{where}: {len(rest)} image(s) more than image placeholders")
+            fail(f"{len(rest)} image(s) more than image placeholders")
         user["content"][:0] = [{"type": "image", "image": str(Path(root, p))} for p in rest]
     if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError(f"{where}: no assistant turn, so nothing to learn from")
+        fail("no assistant turn, so nothing to learn from")
     return messages
 
 
 def read_jsonl(path):
-    """[(messages, "file:line")] of a JSON-lines file; a malformed line raises naming file and line."""
-    samples = []
+    """[(messages, "file:line")] of a JSON-lines file."""
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                samples.append((to_messages(record, Path(path).parent, f"{path}:{n}"), f"{path}:{n}"))
-    return samples
+        return [(to_messages(line, Path(path).parent, f"{path}:{n}"), f"{path}:{n}")
+                for n, line in enumerate(f, 1) if line.strip()]
 
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (50, 80, 230),
@@ -129,12 +127,10 @@ def synthetic_sample(rng):
     s = rng.randint(20, 40)
     x, y = rng.randint(0, 64 - s), rng.randint(0, 64 - s)
     draw = ImageDraw.Draw(image)
-    if shape == "circle":
-        draw.ellipse((x, y, x + s, y + s), fill=COLORS[color])
-    elif shape == "square":
-        draw.rectangle((x, y, x + s, y + s), fill=COLORS[color])
-    else:
+    if shape == "triangle":
         draw.polygon([(x + s / 2, y), (x, y + s), (x + s, y + s)], fill=COLORS[color])
+    else:
+        (draw.ellipse if shape == "circle" else draw.rectangle)((x, y, x + s, y + s), fill=COLORS[color])
     question, options, answer = (("What colour is the shape?", list(COLORS), color) if rng.random() < 0.5
                                  else ("Which shape is drawn?", list(SHAPES), shape))
     letters = "ABCDEF"[:len(options)]
@@ -146,10 +142,8 @@ def synthetic_sample(rng):
 def image_tokens(image, where):
     """Visual tokens an image will give, from its size alone (a path: only the header is read)."""
     try:
-        if not isinstance(image, Image.Image):
-            with Image.open(image) as f:
-                image = f
-        H, W = smart_resize(image.height, image.width)
+        with (nullcontext(image) if isinstance(image, Image.Image) else Image.open(image)) as f:
+            H, W = smart_resize(f.height, f.width)
     except FileNotFoundError:
         raise ValueError(f"image not found: {image} ({where})") from None
     except (OSError, SyntaxError) as e:
@@ -157,28 +151,24 @@ def image_tokens(image, where):
     return H * W // (PATCH * MERGE) ** 2
 
 
-def sample_lengths(samples, tokenizer):
-    """(tokens, images) of each sample without decoding an image: the text is tokenised with one
-    <|image_pad|> per image, then each image adds the visual tokens its size gives."""
-    lengths = []
-    for start in range(0, len(samples), 1024):  # batches: the tokenizer runs them in parallel
-        batch = samples[start:start + 1024]
-        texts, images = zip(*(chat_text(messages, add_generation_prompt=False)[:2] for messages, _ in batch))
-        for encoding, ims, (_, where) in zip(tokenizer.encode_batch(list(texts), add_special_tokens=False), images, batch):
-            lengths.append((len(encoding.ids) + sum(image_tokens(im, where) - 1 for im in ims), len(ims)))
-    return lengths
-
-
 def load_data(args, tokenizer):
-    """The samples that fit, shuffled by the seed: (held-out, train). Samples over --max-len are
-    skipped, never cut (a cut could fall inside an image); so are samples without an image, which
-    PVM cannot learn from (it adds exactly zero there). Both are counted."""
+    """The samples that fit, shuffled by the seed: (held-out, train, what was skipped). Samples over --max-len
+    are skipped, never cut (a cut could fall inside an image); so are samples without an image, which PVM
+    cannot learn from (it adds exactly zero there). Both are counted."""
     if args.data:
         samples = read_jsonl(args.data)
     else:
         rng = random.Random(args.seed)
         samples = [(synthetic_sample(rng), f"built-in sample {i}") for i in range(args.synthetic_samples)]
-    lengths = sample_lengths(samples, tokenizer)
+    # (tokens, images) of each sample without decoding an image: the text is tokenised with one
+    # <|image_pad|> per image, then each image adds the visual tokens its size gives
+    lengths = []
+    for start in range(0, len(samples), 1024):  # batches: the tokenizer runs them in parallel
+        batch = samples[start:start + 1024]
+        texts, images = zip(*(chat_text(messages, add_generation_prompt=False)[:2] for messages, _ in batch))
+        encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        lengths += [(len(e.ids) + sum(image_tokens(im, where) - 1 for im in ims), len(ims))
+                    for e, ims, (_, where) in zip(encodings, images, batch)]
     keep = [s for s, (n, k) in zip(samples, lengths) if n <= args.max_len and k > 0]
     too_long, no_image = sum(n > args.max_len for n, _ in lengths), sum(k == 0 for _, k in lengths)
     n_eval = min(args.eval_samples, len(keep) // 10) if args.eval_every else 0
@@ -261,35 +251,18 @@ def get_lr(step, total, args):
 
 def encode(sample, tokenizer, device):
     """(messages, where) -> input_ids (1, T), pixel_values (N, 1536), grid (images, 3), loss mask (1, T)."""
-    input_ids, pixel_values, grid, loss_mask = encode_chat_with_spans(tokenizer, sample[0], add_generation_prompt=False)
-    return input_ids.to(device), pixel_values.to(device), grid.to(device), loss_mask.to(device)
-
-
-def accumulate_gradients(wrapped, samples, tokenizer, device, autocast, ddp):
-    """Forward and backward over this rank's samples of one step, one at a time; the gradient is their
-    mean (and, with DDP, the mean over all ranks). Returns (loss sum, tokens)."""
-    wrapped.train()  # there is no dropout: this only lets gradient checkpointing act
-    stats = torch.zeros(2, device=device)
-    for micro, sample in enumerate(samples):
-        input_ids, pixel_values, grid, loss_mask = encode(sample, tokenizer, device)
-        if ddp:  # all-reduce the gradients at the last micro-step only
-            wrapped.require_backward_grad_sync = micro == len(samples) - 1
-        with autocast:
-            loss = wrapped(input_ids, pixel_values, grid, loss_mask)
-        (loss / len(samples)).backward()
-        stats[0] += loss.detach().float()
-        stats[1] += input_ids.numel()
-    return stats
+    return tuple(t.to(device) for t in encode_chat_with_spans(tokenizer, sample[0], add_generation_prompt=False))
 
 
 @torch.no_grad()
 def evaluate(loss_model, samples, tokenizer, device, autocast, rank, world):
     """Mean loss over the held-out samples, each rank taking its share."""
     loss_model.eval()
-    total = torch.zeros(2, device=device)
+    total = torch.zeros(2, device=device)  # loss sum, samples
     for sample in samples[rank::world]:
         with autocast:
-            total += torch.stack([loss_model(*encode(sample, tokenizer, device)).float(), torch.ones((), device=device)])
+            loss = loss_model(*encode(sample, tokenizer, device)).float()
+        total += torch.stack([loss, torch.ones_like(loss)])
     if world > 1:
         dist.all_reduce(total)
     return (total[0] / total[1]).item()
@@ -310,14 +283,15 @@ def save_checkpoint(out, model, optimizer, step, run):
 
 def resume(out, model, optimizer, run):
     """Load state.pt; it must come from this same configuration. Returns the step to continue at."""
-    if not (out / "state.pt").exists():
-        raise ValueError(f"--resume: no checkpoint {out / 'state.pt'}")
+    path = out / "state.pt"
+    if not path.exists():
+        raise ValueError(f"--resume: no checkpoint {path}")
     try:
-        state = torch.load(out / "state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, or not a checkpoint of this script
-        raise ValueError(f"--resume: cannot read {out / 'state.pt'}: {e}") from None
+        raise ValueError(f"--resume: cannot read {path}: {e}") from None
     if diff := [f"{k} {state['run'].get(k)!r} there, {v!r} here" for k, v in run.items() if state["run"].get(k) != v]:
-        raise ValueError(f"--resume: {out / 'state.pt'} comes from another configuration: {'; '.join(diff)}")
+        raise ValueError(f"--resume: {path} comes from another configuration: {'; '.join(diff)}")
     with torch.no_grad():
         for name, tensor in pvm_state_dict(model).items():
             tensor.copy_(state["pvm"][name])
@@ -329,34 +303,28 @@ def resume(out, model, optimizer, run):
     return state["step"]
 
 
-def init_distributed(args):
-    """Under torchrun (it sets RANK): one process per GPU with nccl, or on CPUs with gloo."""
-    if "RANK" not in os.environ:
-        return 0, 1
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    if args.device.startswith("cuda"):
-        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(args.device)
-    return dist.get_rank(), dist.get_world_size()
-
-
 def log(out, entry):
     with open(out / "log.jsonl", "a") as f:  # a line at a time: a crash loses nothing already logged
         f.write(json.dumps(entry) + "\n")
 
 
 def main(args):
-    rank, world = init_distributed(args)
-    ddp, cuda, out = dist.is_initialized(), args.device.startswith("cuda"), Path(args.out)
+    rank, world, cuda, out = 0, 1, args.device.startswith("cuda"), Path(args.out)
+    if ddp := "RANK" in os.environ:  # under torchrun: one process per GPU with nccl, or on CPUs with gloo
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(args.device)
+        rank, world = dist.get_rank(), dist.get_world_size()
     if args.size == "tiny" and not cuda:
         torch.set_num_threads(1)  # on tiny matrices a second thread costs more than it gives
     if (out / "state.pt").exists() and not args.resume:
         raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it, or another --out")
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} does not split over {world} processes")
-    accum = args.batch_size // world  # samples per rank and step, one at a time: no padding
     if args.size == "tiny" and args.model:
         raise ValueError("--model does not go with --size tiny, which builds its own random model")
+    accum = args.batch_size // world  # samples per rank and step, one at a time: no padding
     checkpoint = None if args.size == "tiny" else resolve_checkpoint(args.model or SIZES[args.size][0])
     tokenizer = tiny_tokenizer() if checkpoint is None else load_tokenizer(checkpoint)
     held_out, train, skipped = load_data(args, tokenizer)  # bad data fails here, before the model loads
@@ -392,9 +360,19 @@ def main(args):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            # step s takes samples s*batch .. (s+1)*batch - 1 of the shuffled order (wrapping around)
-            samples = [train[(step * args.batch_size + micro * world + rank) % len(train)] for micro in range(accum)]
-            stats = accumulate_gradients(wrapped, samples, tokenizer, args.device, autocast, ddp)
+            wrapped.train()  # there is no dropout: this only lets gradient checkpointing act
+            stats = torch.zeros(2, device=args.device)  # loss sum, tokens
+            for micro in range(accum):  # one sample at a time; the gradient is their mean (with DDP: of all ranks)
+                # step s takes samples s*batch .. (s+1)*batch - 1 of the shuffled order (wrapping around)
+                sample = train[(step * args.batch_size + micro * world + rank) % len(train)]
+                input_ids, pixel_values, grid, loss_mask = encode(sample, tokenizer, args.device)
+                if ddp:  # all-reduce the gradients at the last micro-step only
+                    wrapped.require_backward_grad_sync = micro == accum - 1
+                with autocast:
+                    loss = wrapped(input_ids, pixel_values, grid, loss_mask)
+                (loss / accum).backward()
+                stats[0] += loss.detach().float()
+                stats[1] += input_ids.numel()
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -402,7 +380,8 @@ def main(args):
                 dist.all_reduce(stats)
             if rank == 0:
                 entry = {"step": step + 1, "loss": stats[0].item() / args.batch_size, "lr": lr,
-                         "tokens_per_s": stats[1].item() / (time.perf_counter() - t0), "gates": [g.item() for g in gates]}
+                         "tokens_per_s": stats[1].item() / (time.perf_counter() - t0),
+                         "gates": [g.item() for g in gates]}
                 log(out, entry)
                 bar.update()
                 bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{entry['tokens_per_s']:.0f}",
@@ -416,7 +395,7 @@ def main(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train PVM blocks on a frozen Qwen3-VL (the paper's SFT stage).")
-    p.add_argument("--size", choices=SIZES, default="4b", help="PVM layers and default checkpoint; tiny: small random model")
+    p.add_argument("--size", choices=SIZES, default="4b", help="PVM layers and default checkpoint; tiny: random model")
     p.add_argument("--model", help="checkpoint directory or hub id (default: the official one of --size)")
     p.add_argument("--data", help="JSON-lines file, LLaVA or chat format (default: the built-in synthetic task)")
     p.add_argument("--synthetic-samples", type=int, default=2000, help="size of the built-in task")
@@ -432,7 +411,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations; 0: none")
     p.add_argument("--eval-samples", type=int, default=64, help="held-out samples, at most a tenth of the data")
     p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (and one at the end)")
-    p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, help="gradient checkpointing (default: on but for tiny)")
+    p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction,
+                   help="gradient checkpointing (default: on but for tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
