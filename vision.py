@@ -191,7 +191,9 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values, grid_thw):
         """(N, 1536), (images, 3) -> image embeddings (N/4, D), [DeepStack features (N/4, D)] * 3."""
-        grids = [(h, w) for _, h, w in grid_thw.tolist()]  # still images: t == 1
+        if any(t != 1 for t, _, _ in grid_thw.tolist()):
+            raise ValueError("only still images (grid t == 1) are supported: video is left out")
+        grids = [(h, w) for _, h, w in grid_thw.tolist()]
         x = self.patch_embed(pixel_values.to(self.pos_embed.weight.dtype))            # (N, C)
         x = x + torch.cat([self.position_embedding(h, w) for h, w in grids]).to(x.dtype)
         cos, sin = (torch.cat(t) for t in zip(*(self.rotary(h, w, x.device) for h, w in grids)))
