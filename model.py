@@ -209,9 +209,7 @@ class Qwen3VL(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def attention_mask(self, key_mask, L, T):
-        """Boolean (B, 1, T, S) mask, or None where plain causal attention is exact."""
-        if bool(key_mask.all()) and (L == 0 or T == 1):
-            return None
+        """Boolean (B, 1, T, S) mask: causal, and no padded key."""
         S = L + T
         q_pos = torch.arange(L, S, device=key_mask.device)[:, None]
         k_pos = torch.arange(S, device=key_mask.device)[None, :]
@@ -237,17 +235,16 @@ class Qwen3VL(nn.Module):
             positions, next_position = rope_positions(input_ids, image_grid_thw, attention_mask,
                                                       self.config.image_token_id)
             key_mask = torch.ones_like(is_image) if attention_mask is None else attention_mask.bool()
-            if cache is not None:
-                cache.next_position, cache.key_mask[:, :T] = next_position, key_mask
-                cache.padded = not bool(key_mask.all())
+            padded = not bool(key_mask.all())
+            if cache is not None:  # decoding reads `padded` here: no check that waits for the device each step
+                cache.next_position, cache.key_mask[:, :T], cache.padded = next_position, key_mask, padded
         else:  # decoding: text tokens continue from the prefill's next position on all three axes
             positions = (cache.next_position[:, None] + torch.arange(T, device=x.device)).expand(3, B, T)
             cache.next_position = cache.next_position + T
-            key_mask = cache.key_mask[:, :L + T]
+            key_mask, padded = cache.key_mask[:, :L + T], cache.padded
         cos, sin = self.rotary(positions, x.dtype)
-        # one new token after an unpadded prompt sees every key: no mask, and no check that would
-        # wait for the device at every step (or break a torch.compile graph)
-        mask = None if L > 0 and T == 1 and not cache.padded else self.attention_mask(key_mask, L, T)
+        # no mask where plain causal attention is exact: no padding, and a prefill or one new token
+        mask = self.attention_mask(key_mask, L, T) if padded or (L > 0 and T > 1) else None
         pvm_inputs = self.pvm_inputs(x, is_image, cache)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and x.requires_grad:
@@ -266,7 +263,7 @@ class Qwen3VL(nn.Module):
         """What the PVM blocks read: the visual bank (B, Nv, D) with its mask (B, Nv), and which
         query positions are image tokens (B, T). The bank is the image embeddings as they enter the
         decoder, taken once per prompt and kept in the cache for every decoding step."""
-        if all(layer.pvm_block is None for layer in self.layers):
+        if not self.config.pvm_layers:  # set by pvm.attach_pvm
             return None
         if cache is not None and cache.length > 0:
             return (*cache.pvm_bank, is_image)
