@@ -106,16 +106,21 @@ WEIGHT_MAP = {
 }
 
 
-def _rename(name, table):
-    """Rename through a {pattern: pattern} table whose {} match layer indices; None if no match."""
-    for pattern, target in table.items():
-        if m := re.fullmatch(re.escape(pattern).replace(r"\{\}", r"(\d+)"), name):
-            return target.format(*m.groups())
-    return None
+def _patterns(table):
+    """{pattern: target} with {} for an index -> [(compiled pattern, target)], compiled once."""
+    return [(re.compile(re.escape(k).replace(r"\{\}", r"(\d+)")), v) for k, v in table.items()]
+
+
+_TO_OURS, _TO_CHECKPOINT = _patterns(WEIGHT_MAP), _patterns({v: k for k, v in WEIGHT_MAP.items()})
+
+
+def _rename(name, patterns):
+    """The target of the first pattern that matches all of `name`, or None."""
+    return next((target.format(*m.groups()) for p, target in patterns if (m := p.fullmatch(name))), None)
 
 
 def our_name(checkpoint_name):
-    if (ours := _rename(checkpoint_name, WEIGHT_MAP)) is None:
+    if (ours := _rename(checkpoint_name, _TO_OURS)) is None:
         raise ValueError(f"unexpected tensor {checkpoint_name} in checkpoint (not a Qwen3-VL weight)")
     return ours
 
@@ -183,7 +188,7 @@ def load_weights(model, ckpt):
                     param.copy_(read_tensor(f, data_start, name, info).view(shape))
                 filled.add(ours)
     if missing := sorted(params.keys() - filled):
-        example = _rename(missing[0], {ours: name for name, ours in WEIGHT_MAP.items()})
+        example = _rename(missing[0], _TO_CHECKPOINT)
         raise ValueError(f"checkpoint {ckpt} is missing {len(missing)} tensor(s), e.g. {example}")
 
 
