@@ -1,10 +1,11 @@
 """
 Speed of generate.generate against transformers' generate, in one run and on the same inputs:
 random checkpoints in the official layout, greedy, a 448x448 image plus 32 prompt tokens,
-64 new tokens. Reports prefill time and decode tokens/s as ratios ours / theirs (median of runs).
+64 new tokens. Reports prefill time and decode tokens/s as ratios ours / theirs (median of runs),
+and whether the greedy tokens are the same.
 
-    python bench.py                                    # the tiny and ~110M models, on this CPU
-    python bench.py --sizes 4b --device cuda --dtype bfloat16 --compile
+    python bench.py                        # the tiny and ~110M models on this CPU, and a training step
+    python bench.py --sizes 4b --train-sizes 4b --device cuda --dtype bfloat16 --modes plain graph compile
 
 Sizes: tiny (overhead-bound, as a 4B model on a GPU at batch 1), 110m (the real vocabulary,
 memory-bound on a CPU), 4b (the Qwen3-VL-4B-Instruct architecture). A development tool, not a
@@ -36,6 +37,8 @@ def config_dict(size):
         text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=32, vocab_size=4096)
         text["rope_scaling"]["mrope_section"] = [6, 5, 5]
+        # an own output head: with a tied one, random weights repeat one token, and "same tokens" says little
+        config["tie_word_embeddings"] = text["tie_word_embeddings"] = False
         vision.update(hidden_size=64, intermediate_size=128, depth=4, num_heads=4, out_hidden_size=64,
                       deepstack_visual_indexes=[1, 2, 3])
         # token ids of the tiny vocabulary, in place of 151643... (transformers reads them from here)
@@ -82,8 +85,9 @@ def timed(tokens, sync):
     return times[0] - start, (len(times) - 1) / (times[-1] - times[0]), len(times)
 
 
-def run_theirs(model, ids, pixel_values, grid, n_new, sync):
-    """transformers' generate, timed through a streamer: it gets the prompt, then each new token."""
+def run_theirs(model, ids, pixel_values, grid, n_new, sync, tokens):
+    """transformers' generate, timed through a streamer: it gets the prompt, then each new token.
+    Its tokens go to tokens["theirs"]."""
     from transformers.generation.streamers import BaseStreamer
 
     class Stamps(BaseStreamer):
@@ -99,12 +103,20 @@ def run_theirs(model, ids, pixel_values, grid, n_new, sync):
 
     stamps, device = Stamps(), model.device
     start = time.perf_counter()
-    model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+    out = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
                    pixel_values=pixel_values.to(device), image_grid_thw=grid.to(device),
                    mm_token_type_ids=(ids == model.config.image_token_id).long().to(device),
                    do_sample=False, max_new_tokens=n_new, streamer=stamps)
+    tokens["theirs"] = out[0, ids.size(1):].tolist()
     times = stamps.times[1:]  # the first put is the prompt
     return times[0] - start, (len(times) - 1) / (times[-1] - times[0]), len(times)
+
+
+MODES = {  # our generation, each way it can run
+    "plain": dict(cuda_graph=False),  # one kernel launch after another
+    "graph": dict(),                  # generate's default: on CUDA, the step replayed as a CUDA graph
+    "compile": dict(compile=True),    # --compile: torch.compile, and on CUDA its graph
+}
 
 
 def bench(size, args):
@@ -114,20 +126,30 @@ def bench(size, args):
         theirs = build_checkpoint(size, path, device, dtype)
         ours = load_qwen.load_model(path, device, dtype)
     ids, pixel_values, grid = inputs(config_dict(size))
+    tokens = {}
 
-    def run_ours():
-        tokens = generate.generate(ours, ids, pixel_values, grid, args.new_tokens, stop_tokens=(), compile=args.compile)
-        return timed(tokens, sync)
+    def run_ours(mode):
+        generated = []
+        stamps = timed((generated.append(t) or t for t in generate.generate(
+            ours, ids, pixel_values, grid, args.new_tokens, stop_tokens=(), **MODES[mode])), sync)
+        tokens[mode] = generated
+        return stamps
 
-    run_ours(), run_theirs(theirs, ids, pixel_values, grid, args.new_tokens, sync)  # warm-up, torch.compile
-    runs = [(run_ours(), run_theirs(theirs, ids, pixel_values, grid, args.new_tokens, sync))
-            for _ in range(args.runs)]  # alternated, so a drift in the machine's speed hits both
-    assert all(o[2] == t[2] == args.new_tokens for o, t in runs), "both must generate every token"
-    pre_o, pre_t = statistics.median(o[0] for o, _ in runs), statistics.median(t[0] for _, t in runs)
-    dec_o, dec_t = statistics.median(o[1] for o, _ in runs), statistics.median(t[1] for _, t in runs)
+    def run_all():  # alternated, so that a drift in the machine's speed hits every side alike
+        return {**{mode: run_ours(mode) for mode in args.modes},
+                "theirs": run_theirs(theirs, ids, pixel_values, grid, args.new_tokens, sync, tokens)}
+
+    run_all()  # warm-up (and torch.compile)
+    runs = [run_all() for _ in range(args.runs)]
+    assert all(r[2] == args.new_tokens for run in runs for r in run.values()), "every side must generate every token"
     params = sum(p.numel() for p in ours.parameters()) / 1e6
-    print(f"| {size} ({params:.0f}M) | {pre_o * 1000:.0f} / {pre_t * 1000:.0f} ms | {pre_t / pre_o:.2f}x | "
-          f"{dec_o:.0f} / {dec_t:.0f} tok/s | {dec_o / dec_t:.2f}x |", flush=True)
+    pre_t, dec_t = (statistics.median(run["theirs"][i] for run in runs) for i in (0, 1))
+    for mode in args.modes:
+        pre_o, dec_o = (statistics.median(run[mode][i] for run in runs) for i in (0, 1))
+        same = "yes" if tokens[mode] == tokens["theirs"] else \
+            f"first {next(i for i, (a, b) in enumerate(zip(tokens[mode], tokens['theirs'])) if a != b)}"
+        print(f"| {size} ({params:.0f}M) | {mode} | {pre_o * 1000:.0f} / {pre_t * 1000:.0f} ms | {pre_t / pre_o:.2f}x | "
+              f"{dec_o:.0f} / {dec_t:.0f} tok/s | {dec_o / dec_t:.2f}x | {same} |", flush=True)
 
 
 def best_time(fn, sync, repeats=3):
@@ -207,15 +229,17 @@ if __name__ == "__main__":
                    help="CPU threads for both sides; one suits the tiny model and is steady on a shared machine")
     p.add_argument("--runs", type=int, default=5, help="timed runs per side; the median is reported")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--compile", action="store_true", help="torch.compile our decoding step")
+    p.add_argument("--modes", nargs="+", default=["plain", "compile"], choices=MODES,
+                   help="ways to run our generation (on a CPU, graph is plain)")
     p.add_argument("--train-sizes", nargs="*", default=["110m"], choices=["110m", "4b"],
                    help="sizes for the training-step measurement (none: skip it)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{args.device} {args.dtype}, {args.threads} threads, greedy, 448x448 image + 32 prompt tokens, "
-          f"{args.new_tokens} new tokens, median of {args.runs}{', compiled' if args.compile else ''}")
+          f"{args.new_tokens} new tokens, median of {args.runs}")
     if args.sizes:
-        print("| model | prefill ours / theirs | speed-up | decode ours / theirs | speed-up |\n|---|---|---|---|---|")
+        print("| model | ours | prefill ours / theirs | speed-up | decode ours / theirs | speed-up | same tokens |\n"
+              "|---|---|---|---|---|---|---|")
     for size in args.sizes:
         bench(size, args)
     if args.train_sizes:

@@ -49,16 +49,20 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
 
 
 def decode_step(model, token, cache):
-    """Logits (1, V) of the token after `token` (1, 1), whose keys and values join the cache."""
+    """Logits (1, V) of the token after `token` (1, 1), whose keys and values join the cache.
+    Fixed shapes and only device-side state (model.KVCache), so it can be compiled or recorded once."""
     return model.lm_head(model.hidden_states(token, cache=cache)[:, -1])
 
 
 @torch.inference_mode()  # as no_grad, and lighter on each of the many small decoding ops
 def generate(model, input_ids, pixel_values=None, image_grid_thw=None, max_new_tokens=256,
-             temperature=0.0, top_k=None, top_p=None, seed=None, stop_tokens=STOP_TOKENS, compile=False):
+             temperature=0.0, top_k=None, top_p=None, seed=None, stop_tokens=STOP_TOKENS, compile=False,
+             cuda_graph=True):
     """Yield each new token id (an int) as soon as it is chosen, for one prompt input_ids (1, T);
     stop after a stop token (which is yielded) or after max_new_tokens. `compile` runs the decoding
-    step through torch.compile (dynamic shapes: the cache grows by one every step)."""
+    step through torch.compile. On a CUDA device the step is recorded once as a CUDA graph and
+    replayed for every later token (`cuda_graph`): one launch in place of the step's ~1,000
+    kernels, whose one-by-one launching is what bounds the speed of a model at batch 1."""
     (B, T), context = input_ids.shape, model.config.max_position_embeddings
     if B != 1:
         raise ValueError(f"generate takes one prompt, got a batch of {B}")
@@ -75,7 +79,8 @@ def generate(model, input_ids, pixel_values=None, image_grid_thw=None, max_new_t
     cache = KVCache(model.config, B, T + max_new_tokens, weight.device, weight.dtype)
     if pixel_values is not None:
         pixel_values, image_grid_thw = pixel_values.to(weight.device), image_grid_thw.to(weight.device)
-    step = torch.compile(decode_step, dynamic=True) if compile else decode_step
+    step = torch.compile(decode_step, fullgraph=True) if compile else decode_step  # fixed shapes: one graph, compiled once
+    graph, token_in = None, None
     hidden = model.hidden_states(input_ids.to(weight.device), pixel_values, image_grid_thw, cache=cache)
     logits = model.lm_head(hidden[:, -1])                             # (1, V): only the last position matters
     for n in range(1, max_new_tokens + 1):
@@ -84,7 +89,16 @@ def generate(model, input_ids, pixel_values=None, image_grid_thw=None, max_new_t
         yield token_id
         if token_id in stop_tokens or n == max_new_tokens:  # no decoding step whose logits go unused
             return
-        logits = step(model, token[:, None], cache)
+        if graph is not None:  # the recorded step, on the new token; it refills `logits` in place
+            token_in.copy_(token[:, None])
+            graph.replay()
+        elif n == 1 or not cuda_graph or weight.device.type != "cuda":
+            logits = step(model, token[:, None], cache)  # the first step also warms up (or compiles)
+        else:  # record the second step (recording runs nothing), then run it
+            token_in, graph = token[:, None].clone(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = step(model, token_in, cache)
+            graph.replay()
 
 
 class AttentionReport:
@@ -115,11 +129,11 @@ class AttentionReport:
         """The softmax that SDPA took inside forward, for the step's last query, written out."""
         x, cos, sin, mask, cache = args
         q = attn.qkv(x[:, -1:], cos[:, :, -1:], sin[:, :, -1:])[0].float()            # (1, nh, 1, hd)
-        S = cache.length + x.size(1)  # the cache advances after the last layer; it holds this step's keys
+        S = x.size(1) if mask is None else mask.size(-1)  # the prompt, or the whole cache under the mask
         k = cache.k_layers[attn.layer_idx][:, :, :S].float()                        # (1, nkv, S, hd)
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)                      # (1, nh, S, hd)
         scores = (q @ k.transpose(-1, -2)) * attn.head_dim**-0.5                    # (1, nh, 1, S)
-        if mask is not None:  # padding only: the last query is causally allowed every cached key
+        if mask is not None:  # empty cache slots (the last query may see every written key)
             scores = scores.masked_fill(~mask[:, :, -1:], float("-inf"))
         on_image = F.pad(self.is_image, (0, S - len(self.is_image)))                # (S,): generated = text
         groups = torch.stack([on_image, ~on_image], dim=1).float()                  # (S, 2)
@@ -192,7 +206,8 @@ def main(args):
     stream, times, tokens = DecodeStream(skip_special_tokens=True), [time.perf_counter()], []
     with report:
         for token in generate(model, input_ids, pixel_values, image_grid_thw, args.max_new_tokens,
-                              args.temperature, args.top_k, args.top_p, args.seed, compile=args.compile):
+                              args.temperature, args.top_k, args.top_p, args.seed, compile=args.compile,
+                              cuda_graph=not args.report):  # the hooks run only where the step runs eagerly
             times.append(time.perf_counter())
             tokens.append(token)
             text = stream.step(tokenizer, token)  # None while a UTF-8 character is still incomplete

@@ -8,7 +8,7 @@ Qwen3-VL in plain PyTorch: the config, the Qwen3 text decoder, and the assembled
 Mirrors transformers' `Qwen3VLForConditionalGeneration` (modeling_qwen3_vl.py). Left out on
 purpose: video, MoE variants, attention-backend switches, output dataclasses.
 
-Shape legend: B batch, T new tokens, L tokens already in the KV cache, S = L + T, D model width,
+Shape legend: B batch, T new tokens, S keys attended to (the prompt's, or the whole KV cache), D model width,
 nh / nkv query / key-value heads, hd head width, V vocabulary.
 """
 from dataclasses import dataclass
@@ -50,9 +50,8 @@ class Config:
 
 
 def rms_norm(x, eps):
-    """x / rms(x), computed in float32 and cast back, as the reference does."""
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    """x / sqrt(mean(x^2) + eps) over the last axis, computed in float32 and cast back, as the reference does."""
+    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -79,28 +78,32 @@ class MLP(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer, allocated once for `max_len` tokens and written in place."""
+    """Keys and values of every layer, allocated once for `max_len` tokens and written in place.
+    The prefill fills slots 0..T-1. Every later forward writes at slots counted on the device and
+    attends over the whole cache, `key_mask` hiding the empty and padded slots: decoding then has
+    fixed shapes and no Python-side state, so one CUDA graph or one torch.compile serves every step."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # per-layer views, made once
-        self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)  # False = padding
-        self.length = 0            # L: positions filled so far
+        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # True: a real key
+        self.filled = None         # (1,) slots written so far, on the device; None until the prefill
+        self.slots = None          # (T,) the slots the current forward writes
         self.next_position = None  # (B,) rotary position of the next token, set by the prefill
         self.pvm_bank = None       # (bank, bank_mask) of PVM, taken once at the prefill
-        self.padded = False        # whether the prompt has padding, set by the prefill
 
     def update(self, layer, k, v):
-        """Write (B, nkv, T, hd) at positions L..L+T-1; return all keys / values so far (B, nkv, S, hd)."""
-        L, T = self.length, k.size(2)
-        if L + T > self.k.size(3):
-            raise ValueError(f"KV cache holds {self.k.size(3)} tokens, {L + T} needed")
+        """Store this forward's keys and values (B, nkv, T, hd); return the ones to attend over."""
         k_all, v_all = self.k_layers[layer], self.v_layers[layer]                  # (B, nkv, max_len, hd)
-        k_all[:, :, L:L + T] = k
-        v_all[:, :, L:L + T] = v
-        return k_all[:, :, :L + T], v_all[:, :, :L + T]
+        if self.filled is None:  # the prefill: slots 0..T-1, attended to alone
+            T = k.size(2)
+            k_all[:, :, :T], v_all[:, :, :T] = k, v
+            return k_all[:, :, :T], v_all[:, :, :T]
+        k_all.index_copy_(2, self.slots, k)
+        v_all.index_copy_(2, self.slots, v)
+        return k_all, v_all
 
 
 class Attention(nn.Module):
@@ -129,10 +132,11 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                                   # (B, nkv, S, hd)
-        # mask None means "plain causal" (or a single query that may see every key)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=True)                              # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        if mask is None:  # plain causal attention over the prompt
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)  # (B, nh, T, hd)
+        else:  # the g query heads that share a key-value head attend as g*T rows of it: no copy of the cache
+            y = F.scaled_dot_product_attention(q.reshape(B, k.size(1), -1, self.head_dim), k, v, attn_mask=mask)
+        return self.o_proj(y.reshape(B, -1, T, self.head_dim).transpose(1, 2).reshape(B, T, -1))
 
 
 class DecoderLayer(nn.Module):
@@ -199,31 +203,32 @@ class Qwen3VL(nn.Module):
         """Interleaved multimodal RoPE: frequency pair j turns with the height position if
         j % 3 == 1 and j < 3*sections[1], the width position if j % 3 == 2 and j < 3*sections[2],
         else the temporal one. positions (3, B, T) -> cos, sin (B, 1, T, hd)."""
-        hd, (_, s_h, s_w) = self.config.head_dim, self.config.mrope_section
-        axis = torch.zeros(hd // 2, dtype=torch.long)
+        (hd, (_, s_h, s_w)), device = (self.config.head_dim, self.config.mrope_section), positions.device
+        axis = torch.zeros(hd // 2, dtype=torch.long, device=device)  # made on the device: no copy in a CUDA graph
         axis[1:3 * s_h:3], axis[2:3 * s_w:3] = 1, 2
-        inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))
-        pos = positions[axis.to(positions.device)].permute(1, 2, 0).float()               # (B, T, hd/2)
-        freqs = pos * inv_freq.to(positions.device)
+        inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd))
+        freqs = positions[axis].permute(1, 2, 0).float() * inv_freq                       # (B, T, hd/2)
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]                                  # (B, 1, T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def attention_mask(self, key_mask, L, T):
-        """Boolean (B, 1, T, S) mask: causal, and no padded key."""
-        S = L + T
-        q_pos = torch.arange(L, S, device=key_mask.device)[:, None]
-        k_pos = torch.arange(S, device=key_mask.device)[None, :]
+    def attention_mask(self, key_mask, query_slots):
+        """Boolean mask from the real keys (B, S) and the queries' slots (T,): causal, and no padded
+        or empty key. (B, 1, g*T, S): the g query heads that share a key-value head attend as g*T
+        rows of that head (Attention), so the T rows repeat g times."""
+        k_pos = torch.arange(key_mask.size(1), device=key_mask.device)[None, :]
+        q_pos = query_slots[:, None]
         mask = (k_pos <= q_pos) & key_mask[:, None, None, :]                               # (B, 1, T, S)
-        return mask | (k_pos == q_pos)  # a padding query sees itself, so no row is empty (no NaN)
+        mask = mask | (k_pos == q_pos)  # a padding query sees itself, so no row is empty (no NaN)
+        return mask.repeat(1, 1, self.config.num_heads // self.config.num_kv_heads, 1)     # (B, 1, g*T, S)
 
     def hidden_states(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, cache=None):
         """The final-normed hidden states (B, T, D); `cache` (a KVCache) is filled in place."""
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)                                                  # (B, T, D)
         is_image = input_ids == self.config.image_token_id                               # (B, T)
-        L = 0 if cache is None else cache.length
+        prefill = cache is None or cache.filled is None
         deepstack = []
-        if L == 0 and pixel_values is None and bool(is_image.any()):
+        if prefill and pixel_values is None and bool(is_image.any()):
             raise ValueError("prompt holds <|image_pad|> tokens but no pixel_values were given")
         if pixel_values is not None:
             image_embeds, deepstack = self.visual(pixel_values, image_grid_thw)           # (Nv, D), 3 x (Nv, D)
@@ -231,20 +236,25 @@ class Qwen3VL(nn.Module):
                 raise ValueError(f"prompt holds {int(is_image.sum())} <|image_pad|> tokens but the images "
                                  f"give {len(image_embeds)} visual tokens")
             x = x.masked_scatter(is_image[..., None], image_embeds.to(x.dtype))
-        if L == 0:
+        if prefill:
             positions, next_position = rope_positions(input_ids, image_grid_thw, attention_mask,
                                                       self.config.image_token_id)
             key_mask = torch.ones_like(is_image) if attention_mask is None else attention_mask.bool()
-            padded = not bool(key_mask.all())
-            if cache is not None:  # decoding reads `padded` here: no check that waits for the device each step
-                cache.next_position, cache.key_mask[:, :T], cache.padded = next_position, key_mask, padded
-        else:  # decoding: text tokens continue from the prefill's next position on all three axes
-            positions = (cache.next_position[:, None] + torch.arange(T, device=x.device)).expand(3, B, T)
-            cache.next_position = cache.next_position + T
-            key_mask, padded = cache.key_mask[:, :L + T], cache.padded
+            # no mask where plain causal attention is exact: no padding
+            mask = None if bool(key_mask.all()) else self.attention_mask(key_mask, torch.arange(T, device=x.device))
+            if cache is not None:
+                if T > cache.key_mask.size(1):
+                    raise ValueError(f"the KV cache holds {cache.key_mask.size(1)} tokens, the prompt is {T}")
+                cache.key_mask[:, :T], cache.next_position = key_mask, next_position
+        else:  # a continuation: only tensor arithmetic on the device, fixed shapes (see KVCache)
+            steps = torch.arange(T, device=x.device)
+            cache.slots = cache.filled + steps                                            # (T,)
+            cache.key_mask.index_fill_(1, cache.slots, True)
+            positions = (cache.next_position[:, None] + steps).expand(3, B, T)
+            # one new token may see every real key; several must also keep causal order among them
+            mask = (cache.key_mask[:, None, None, :] if T == 1 else
+                    self.attention_mask(cache.key_mask, cache.slots))                    # (B, 1, g*T, max_len)
         cos, sin = self.rotary(positions, x.dtype)
-        # no mask where plain causal attention is exact: no padding, and a prefill or one new token
-        mask = self.attention_mask(key_mask, L, T) if padded or (L > 0 and T > 1) else None
         pvm_inputs = self.pvm_inputs(x, is_image, cache)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and x.requires_grad:
@@ -255,8 +265,11 @@ class Qwen3VL(nn.Module):
                 x = layer(x, cos, sin, mask, cache, pvm_inputs)
             if i < len(deepstack):  # DeepStack: vision feature k is added after decoder layer k
                 x = x.index_put((is_image,), deepstack[i].to(x.dtype), accumulate=True)
-        if cache is not None:
-            cache.length += T
+        if cache is not None and prefill:
+            cache.filled = torch.tensor([T], device=x.device)
+        elif cache is not None:  # in place, so that a CUDA graph replays the advance too
+            cache.filled += T
+            cache.next_position += T
         return self.norm(x)
 
     def pvm_inputs(self, x, is_image, cache):
@@ -265,7 +278,7 @@ class Qwen3VL(nn.Module):
         decoder, taken once per prompt and kept in the cache for every decoding step."""
         if not self.config.pvm_layers:  # set by pvm.attach_pvm
             return None
-        if cache is not None and cache.length > 0:
+        if cache is not None and cache.filled is not None:
             return (*cache.pvm_bank, is_image)
         per_sample = [x[b][is_image[b]] for b in range(x.size(0))]                        # B x (Nv_b, D)
         bank = nn.utils.rnn.pad_sequence(per_sample, batch_first=True)                    # (B, Nv, D)

@@ -141,3 +141,19 @@ def test_pvm_file_attaches(ours, tiny_untied, tmp_path):
     for layer in (1, 3):
         loaded.layers[layer].pvm_block.gate_alpha.data.fill_(1.0)
     assert run(loaded, prompt) != base
+
+
+def test_compiled_decoding_is_one_graph_with_the_same_tokens(ours, tiny_untied):
+    """The decoding step has fixed shapes and keeps its state on the device, as a CUDA graph needs:
+    torch.compile makes one whole graph of it (fullgraph), compiled once for every step, with and
+    without PVM, and the tokens are the uncompiled ones."""
+    model, prompt = ours
+    with_pvm = pvm.attach_pvm(load_qwen.load_model(tiny_untied), [1, 3], 64)
+    for layer in (1, 3):
+        with_pvm.layers[layer].pvm_block.gate_alpha.data.fill_(1.0)
+    for m in (model, with_pvm):
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled = run(m, prompt, compile=True)
+        assert compiled == run(m, prompt)
+    torch._dynamo.reset()
