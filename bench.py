@@ -77,17 +77,17 @@ def inputs(config, n_text=32):
 
 
 def timed(tokens, sync):
-    """Consume an iterator of new tokens; return (prefill seconds, decode tokens/s, count)."""
-    start, times = time.perf_counter(), []
-    for _ in tokens:
+    """Consume an iterator of new tokens; return (prefill seconds, decode tokens/s, the tokens)."""
+    start, times, out = time.perf_counter(), [], []
+    for token in tokens:
         sync()
         times.append(time.perf_counter())
-    return times[0] - start, (len(times) - 1) / (times[-1] - times[0]), len(times)
+        out.append(token)
+    return times[0] - start, (len(times) - 1) / (times[-1] - times[0]), out
 
 
-def run_theirs(model, ids, pixel_values, grid, n_new, sync, tokens):
-    """transformers' generate, timed through a streamer: it gets the prompt, then each new token.
-    Its tokens go to tokens["theirs"]."""
+def run_theirs(model, ids, pixel_values, grid, n_new, sync):
+    """transformers' generate, timed through a streamer: it gets the prompt, then each new token."""
     from transformers.generation.streamers import BaseStreamer
 
     class Stamps(BaseStreamer):
@@ -107,9 +107,8 @@ def run_theirs(model, ids, pixel_values, grid, n_new, sync, tokens):
                    pixel_values=pixel_values.to(device), image_grid_thw=grid.to(device),
                    mm_token_type_ids=(ids == model.config.image_token_id).long().to(device),
                    do_sample=False, max_new_tokens=n_new, streamer=stamps)
-    tokens["theirs"] = out[0, ids.size(1):].tolist()
     times = stamps.times[1:]  # the first put is the prompt
-    return times[0] - start, (len(times) - 1) / (times[-1] - times[0]), len(times)
+    return times[0] - start, (len(times) - 1) / (times[-1] - times[0]), out[0, ids.size(1):].tolist()
 
 
 MODES = {  # our generation, each way it can run
@@ -126,30 +125,26 @@ def bench(size, args):
         theirs = build_checkpoint(size, path, device, dtype)
         ours = load_qwen.load_model(path, device, dtype)
     ids, pixel_values, grid = inputs(config_dict(size))
-    tokens = {}
 
     def run_ours(mode):
-        generated = []
-        stamps = timed((generated.append(t) or t for t in generate.generate(
-            ours, ids, pixel_values, grid, args.new_tokens, stop_tokens=(), **MODES[mode])), sync)
-        tokens[mode] = generated
-        return stamps
+        return timed(generate.generate(ours, ids, pixel_values, grid, args.new_tokens, stop_tokens=(),
+                                       **MODES[mode]), sync)
 
     def run_all():  # alternated, so that a drift in the machine's speed hits every side alike
         return {**{mode: run_ours(mode) for mode in args.modes},
-                "theirs": run_theirs(theirs, ids, pixel_values, grid, args.new_tokens, sync, tokens)}
+                "theirs": run_theirs(theirs, ids, pixel_values, grid, args.new_tokens, sync)}
 
     run_all()  # warm-up (and torch.compile)
     runs = [run_all() for _ in range(args.runs)]
-    assert all(r[2] == args.new_tokens for run in runs for r in run.values()), "every side must generate every token"
+    assert all(len(r[2]) == args.new_tokens for run in runs for r in run.values()), "every side must make every token"
     params = sum(p.numel() for p in ours.parameters()) / 1e6
     pre_t, dec_t = (statistics.median(run["theirs"][i] for run in runs) for i in (0, 1))
     for mode in args.modes:
         pre_o, dec_o = (statistics.median(run[mode][i] for run in runs) for i in (0, 1))
-        same = "yes" if tokens[mode] == tokens["theirs"] else \
-            f"first {next(i for i, (a, b) in enumerate(zip(tokens[mode], tokens['theirs'])) if a != b)}"
-        print(f"| {size} ({params:.0f}M) | {mode} | {pre_o * 1000:.0f} / {pre_t * 1000:.0f} ms | {pre_t / pre_o:.2f}x | "
-              f"{dec_o:.0f} / {dec_t:.0f} tok/s | {dec_o / dec_t:.2f}x | {same} |", flush=True)
+        differ = [i for i, (a, b) in enumerate(zip(runs[-1][mode][2], runs[-1]["theirs"][2])) if a != b]
+        same = f"from token {differ[0]} on, not" if differ else "yes"
+        print(f"| {size} ({params:.0f}M) | {mode} | {pre_o * 1000:.0f} / {pre_t * 1000:.0f} ms | "
+              f"{pre_t / pre_o:.2f}x | {dec_o:.0f} / {dec_t:.0f} tok/s | {dec_o / dec_t:.2f}x | {same} |", flush=True)
 
 
 def best_time(fn, sync, repeats=3):
@@ -166,9 +161,10 @@ def best_time(fn, sync, repeats=3):
 
 def bench_train(size, args, grad_ckpt):
     """One PVM optimizer step (forward, backward, clip, AdamW) against one forward pass of the same
-    sample as the step computes it (hidden states, the head on the reply): a 512x512 image and 768
-    text tokens, half of them the reply. PVM at the 4B's relative depth and width (5, 11, 17 of 36
-    layers, 512 of 2560 wide), scaled to the model; gates opened to 0.1 as after some training."""
+    sample as the step computes it (hidden states, the head on the reply): `--train-tokens` tokens,
+    a 512x512 image (256 of them) and text, half of it the reply. PVM at the 4B's relative depth and
+    width (5, 11, 17 of 36 layers, 512 of 2560 wide), scaled to the model; gates opened to 0.1 as
+    after some training."""
     import train
     from model import Qwen3VL
     from pvm import PRESETS, attach_pvm
@@ -186,10 +182,15 @@ def bench_train(size, args, grad_ckpt):
         model.layers[i].pvm_block.float()  # float32 master weights, as train.py keeps them
         model.layers[i].pvm_block.gate_alpha.data.fill_(0.1)
     model.gradient_checkpointing = grad_ckpt
-    image = Image.new("RGB", (512, 512), (120, 30, 200))
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "x" * 364}]},
-                {"role": "assistant", "content": "y" * 384}]
-    batch = train.encode((messages, "bench"), train.tiny_tokenizer(), device)  # byte tokens: one per character
+    image, tokenizer = Image.new("RGB", (512, 512), (120, 30, 200)), train.tiny_tokenizer()
+
+    def sample(n_user, n_reply):  # byte tokens: one per character
+        user = [{"type": "image", "image": image}, {"type": "text", "text": "x" * n_user}]
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": "y" * n_reply}]
+        return train.encode((messages, "bench"), tokenizer, device)
+
+    text = args.train_tokens - sample(0, 0)[0].size(1)  # what the image and the chat format leave
+    batch = sample(text - text // 2, text // 2)
     loss_model, params = train.AssistantLoss(model), [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
@@ -231,6 +232,7 @@ if __name__ == "__main__":
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--modes", nargs="+", default=["plain", "compile"], choices=MODES,
                    help="ways to run our generation (on a CPU, graph is plain)")
+    p.add_argument("--train-tokens", type=int, default=2048, help="length of the training-step sample")
     p.add_argument("--train-sizes", nargs="*", default=["110m"], choices=["110m", "4b"],
                    help="sizes for the training-step measurement (none: skip it)")
     args = p.parse_args()

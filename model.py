@@ -50,8 +50,9 @@ class Config:
 
 
 def rms_norm(x, eps):
-    """x / sqrt(mean(x^2) + eps) over the last axis, computed in float32 and cast back, as the reference does."""
-    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+    """x / sqrt(mean(x^2) + eps) over the last axis, computed in float32 and returned in x's dtype, as
+    the reference does (F.rms_norm computes half-precision input in float32; on a GPU, in one kernel)."""
+    return F.rms_norm(x, x.shape[-1:], eps=eps)
 
 
 class RMSNorm(nn.Module):
@@ -81,9 +82,12 @@ class KVCache:
     """Keys and values of every layer, allocated once for `max_len` tokens and written in place.
     The prefill fills slots 0..T-1. Every later forward writes at slots counted on the device and
     attends over the whole cache, `key_mask` hiding the empty and padded slots: decoding then has
-    fixed shapes and no Python-side state, so one CUDA graph or one torch.compile serves every step."""
+    fixed shapes and no Python-side state, so one CUDA graph or one torch.compile serves every step.
+    Size it for the whole generation: decoding does not check for room, since that would wait on the
+    device every step (generate.py sizes it; an overflow is an out-of-bounds index error)."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
+        max_len = -(-max_len // 8) * 8  # whole rows of 8: the fused attention kernel then takes the mask uncopied
         shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -156,6 +160,11 @@ class DecoderLayer(nn.Module):
         return h
 
 
+def additive(mask, dtype):
+    """A boolean attention mask (True: may attend) as the additive one SDPA adds to the scores."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def rope_positions(input_ids, image_grid_thw, attention_mask, image_token_id):
     """3-D (t, h, w) rotary positions (3, B, T) of a prompt, and each sample's next position (B,).
     Mirrors the reference's get_rope_index: text counts up on all three axes; an image starting at
@@ -203,7 +212,7 @@ class Qwen3VL(nn.Module):
         """Interleaved multimodal RoPE: frequency pair j turns with the height position if
         j % 3 == 1 and j < 3*sections[1], the width position if j % 3 == 2 and j < 3*sections[2],
         else the temporal one. positions (3, B, T) -> cos, sin (B, 1, T, hd)."""
-        (hd, (_, s_h, s_w)), device = (self.config.head_dim, self.config.mrope_section), positions.device
+        hd, (_, s_h, s_w), device = self.config.head_dim, self.config.mrope_section, positions.device
         axis = torch.zeros(hd // 2, dtype=torch.long, device=device)  # made on the device: no copy in a CUDA graph
         axis[1:3 * s_h:3], axis[2:3 * s_w:3] = 1, 2
         inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd))
@@ -211,15 +220,15 @@ class Qwen3VL(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]                                  # (B, 1, T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def attention_mask(self, key_mask, query_slots):
-        """Boolean mask from the real keys (B, S) and the queries' slots (T,): causal, and no padded
-        or empty key. (B, 1, g*T, S): the g query heads that share a key-value head attend as g*T
-        rows of that head (Attention), so the T rows repeat g times."""
+    def attention_mask(self, key_mask, query_slots, dtype):
+        """Additive mask (0: may attend, -inf: may not) from the real keys (B, S) and the queries'
+        slots (T,): causal, and no padded or empty key. (B, 1, g*T, S): the g query heads that share
+        a key-value head attend as g*T rows of that head (Attention), so the T rows repeat g times."""
         k_pos = torch.arange(key_mask.size(1), device=key_mask.device)[None, :]
         q_pos = query_slots[:, None]
         mask = (k_pos <= q_pos) & key_mask[:, None, None, :]                               # (B, 1, T, S)
         mask = mask | (k_pos == q_pos)  # a padding query sees itself, so no row is empty (no NaN)
-        return mask.repeat(1, 1, self.config.num_heads // self.config.num_kv_heads, 1)     # (B, 1, g*T, S)
+        return additive(mask, dtype).repeat(1, 1, self.config.num_heads // self.config.num_kv_heads, 1)
 
     def hidden_states(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, cache=None):
         """The final-normed hidden states (B, T, D); `cache` (a KVCache) is filled in place."""
@@ -241,7 +250,8 @@ class Qwen3VL(nn.Module):
                                                       self.config.image_token_id)
             key_mask = torch.ones_like(is_image) if attention_mask is None else attention_mask.bool()
             # no mask where plain causal attention is exact: no padding
-            mask = None if bool(key_mask.all()) else self.attention_mask(key_mask, torch.arange(T, device=x.device))
+            slots = torch.arange(T, device=x.device)
+            mask = None if bool(key_mask.all()) else self.attention_mask(key_mask, slots, x.dtype)
             if cache is not None:
                 if T > cache.key_mask.size(1):
                     raise ValueError(f"the KV cache holds {cache.key_mask.size(1)} tokens, the prompt is {T}")
@@ -251,9 +261,10 @@ class Qwen3VL(nn.Module):
             cache.slots = cache.filled + steps                                            # (T,)
             cache.key_mask.index_fill_(1, cache.slots, True)
             positions = (cache.next_position[:, None] + steps).expand(3, B, T)
-            # one new token may see every real key; several must also keep causal order among them
-            mask = (cache.key_mask[:, None, None, :] if T == 1 else
-                    self.attention_mask(cache.key_mask, cache.slots))                    # (B, 1, g*T, max_len)
+            # one new token may see every real key; several must also keep causal order among them.
+            # Made additive here, once, rather than by SDPA in every layer.
+            mask = (additive(cache.key_mask[:, None, None, :], x.dtype) if T == 1 else
+                    self.attention_mask(cache.key_mask, cache.slots, x.dtype))           # (B, 1, 1 or g*T, max_len)
         cos, sin = self.rotary(positions, x.dtype)
         pvm_inputs = self.pvm_inputs(x, is_image, cache)
         for i, layer in enumerate(self.layers):
