@@ -241,7 +241,7 @@ def check_report(path, compile):
     if Path(path).suffix[1:] not in FigureCanvasBase.get_supported_filetypes() or not Path(path).parent.is_dir():
         raise ValueError(f"--report {path}: needs an existing directory and a figure suffix such as .png")
     if compile:
-        raise ValueError("--report and --compile do not go together: the report's hooks recompile every step")
+        raise ValueError("--report and --compile do not go together: the report's hooks must run in Python at every step")
 
 
 def write_report(numbers, path):
