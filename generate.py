@@ -80,7 +80,7 @@ def generate(model, input_ids, pixel_values=None, image_grid_thw=None, max_new_t
     if pixel_values is not None:
         pixel_values, image_grid_thw = pixel_values.to(weight.device), image_grid_thw.to(weight.device)
     step = torch.compile(decode_step, fullgraph=True) if compile else decode_step  # one graph, compiled once
-    graph, token_in = None, None
+    graph, token_in, use_graph = None, None, cuda_graph and weight.device.type == "cuda"
     hidden = model.hidden_states(input_ids.to(weight.device), pixel_values, image_grid_thw, cache=cache)
     logits = model.lm_head(hidden[:, -1])                             # (1, V): only the last position matters
     for n in range(1, max_new_tokens + 1):
@@ -92,7 +92,7 @@ def generate(model, input_ids, pixel_values=None, image_grid_thw=None, max_new_t
         if graph is not None:  # the recorded step, on the new token; it refills `logits` in place
             token_in.copy_(token[:, None])
             graph.replay()
-        elif n == 1 or not cuda_graph or weight.device.type != "cuda":
+        elif n == 1 or not use_graph:
             logits = step(model, token[:, None], cache)  # the first step also warms up (or compiles)
         else:  # record the second step (recording runs nothing), then run it
             token_in, graph = token[:, None].clone(), torch.cuda.CUDAGraph()
@@ -105,7 +105,8 @@ class AttentionReport:
     """Watches generate() from a `with` block: at the query that chose each token (the prompt's last
     position, then each token fed back) and in every decoder layer, each head's attention mass on the
     image's tokens and on the text (they sum to 1), and |PVM(a)| / |FFN(a)| at PVM layers. SDPA never
-    returns its weights, so hooks recompute them; without a report there are no hooks and no cost."""
+    returns its weights, so hooks recompute them; without a report there are no hooks and no cost.
+    Hooks run only when the step runs eagerly: use it with generate(..., cuda_graph=False)."""
 
     def __init__(self, model, input_ids):
         self.is_image = (input_ids[0] == model.config.image_token_id).to(model.embed_tokens.weight.device)  # (T,)

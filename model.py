@@ -207,15 +207,20 @@ class Qwen3VL(nn.Module):
         if config.tie_word_embeddings:  # 4B: the output head is the embedding matrix
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False  # train.py: recompute decoder layers in the backward pass
+        self.rope_tables = {}  # device -> (axis of each frequency pair, inverse frequencies), see rotary
 
     def rotary(self, positions, dtype):
         """Interleaved multimodal RoPE: frequency pair j turns with the height position if
         j % 3 == 1 and j < 3*sections[1], the width position if j % 3 == 2 and j < 3*sections[2],
         else the temporal one. positions (3, B, T) -> cos, sin (B, 1, T, hd)."""
-        hd, (_, s_h, s_w), device = self.config.head_dim, self.config.mrope_section, positions.device
-        axis = torch.zeros(hd // 2, dtype=torch.long, device=device)  # made on the device: no copy in a CUDA graph
-        axis[1:3 * s_h:3], axis[2:3 * s_w:3] = 1, 2
-        inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd))
+        device = positions.device
+        if device not in self.rope_tables:  # constants, made once per device (before any CUDA graph)
+            hd, (_, s_h, s_w) = self.config.head_dim, self.config.mrope_section
+            axis = torch.zeros(hd // 2, dtype=torch.long)
+            axis[1:3 * s_h:3], axis[2:3 * s_w:3] = 1, 2
+            inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))
+            self.rope_tables[device] = axis.to(device), inv_freq.to(device)
+        axis, inv_freq = self.rope_tables[device]
         freqs = positions[axis].permute(1, 2, 0).float() * inv_freq                       # (B, T, hd/2)
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]                                  # (B, 1, T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
