@@ -129,7 +129,7 @@ class AttentionReport:
     def attention_mass(self, attn, args, out):
         """The softmax that SDPA took inside forward, for the step's last query, written out."""
         x, cos, sin, mask, cache = args
-        q = attn.qkv(x[:, -1:], cos[:, :, -1:], sin[:, :, -1:])[0].float()            # (1, nh, 1, hd)
+        q = attn.qkv(x[:, -1:], cos[:, -1:], sin[:, -1:])[0].float()                  # (1, nh, 1, hd)
         S = x.size(1) if mask is None else mask.size(-1)  # the prompt, or the whole cache under the mask
         k = cache.k_layers[attn.layer_idx][:, :, :S].float()                        # (1, nkv, S, hd)
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)                      # (1, nh, S, hd)

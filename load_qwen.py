@@ -156,13 +156,25 @@ def read_tensor(f, data_start, name, info, out=None):
     return out
 
 
+def checkpoint_targets(model):
+    """What each checkpoint tensor fills, by its name in our naming (WEIGHT_MAP): our parameters,
+    except that a layer's qkv_proj is filled as the checkpoint's q_proj, k_proj and v_proj, which
+    are its blocks of rows. A tied lm_head appears once, as embed_tokens.weight."""
+    targets = dict(model.named_parameters())
+    for i, layer in enumerate(model.layers):
+        qkv = targets.pop(f"layers.{i}.self_attn.qkv_proj.weight")
+        blocks = qkv.split([n * layer.self_attn.head_dim for n in layer.self_attn.heads])
+        targets.update({f"layers.{i}.self_attn.{p}_proj.weight": block for p, block in zip("qkv", blocks)})
+    return targets
+
+
 def load_weights(model, ckpt):
     """Read every checkpoint tensor into its parameter: straight into its memory when dtype and
     device allow, else through one temporary tensor, so no second copy of the model is ever held.
     Strict: unknown, missing, duplicated or mis-shaped tensors raise, naming the tensor."""
     index = ckpt / "model.safetensors.index.json"
     files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    params = dict(model.named_parameters())  # a tied lm_head appears once, as embed_tokens.weight
+    params = checkpoint_targets(model)
     filled = set()
     for file in files:
         if not (ckpt / file).exists():

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vision import MERGE, VisionTower, rotate_half
+from vision import MERGE, VisionTower
 
 
 @dataclass
@@ -110,14 +110,21 @@ class KVCache:
         return k_all, v_all
 
 
+def rope(x, cos, sin):
+    """Rotary embedding of x (..., hd): each pair (x_i, x_i+hd/2) turned by its angle, which is
+    x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1). The roll swaps the two halves;
+    the minus sign comes with sin, whose first half Qwen3VL.rotary negates."""
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
+
+
 class Attention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         D, hd = config.hidden_size, config.head_dim
         self.layer_idx, self.head_dim = layer_idx, hd
-        self.q_proj = nn.Linear(D, config.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(D, config.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(D, config.num_kv_heads * hd, bias=False)
+        self.heads = (config.num_heads, config.num_kv_heads, config.num_kv_heads)  # of q, k, v
+        # q, k and v from one matrix: the checkpoint's q_proj, k_proj and v_proj stacked (load_qwen)
+        self.qkv_proj = nn.Linear(D, sum(self.heads) * hd, bias=False)
         self.o_proj = nn.Linear(config.num_heads * hd, D, bias=False)
         self.q_norm = RMSNorm(hd, config.rms_norm_eps)  # per head, before RoPE
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
@@ -126,10 +133,9 @@ class Attention(nn.Module):
         """Queries (B, nh, T, hd), keys and values (B, nkv, T, hd) of x (B, T, D), RoPE applied;
         also used by generate.py's attention report to recompute a step's query."""
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)               # (B, nkv, T, hd)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+        q, k, v = self.qkv_proj(x).view(B, T, -1, self.head_dim).split(self.heads, dim=2)  # (B, T, heads, hd)
+        q, k = rope(self.q_norm(q), cos, sin), rope(self.k_norm(k), cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape
@@ -212,18 +218,20 @@ class Qwen3VL(nn.Module):
     def rotary(self, positions, dtype):
         """Interleaved multimodal RoPE: frequency pair j turns with the height position if
         j % 3 == 1 and j < 3*sections[1], the width position if j % 3 == 2 and j < 3*sections[2],
-        else the temporal one. positions (3, B, T) -> cos, sin (B, 1, T, hd)."""
+        else the temporal one. positions (3, B, T) -> cos, sin (B, T, 1, hd), sin's first half
+        negated for rope()."""
         device = positions.device
         if device not in self.rope_tables:  # constants, made once per device (before any CUDA graph)
             hd, (_, s_h, s_w) = self.config.head_dim, self.config.mrope_section
             axis = torch.zeros(hd // 2, dtype=torch.long)
             axis[1:3 * s_h:3], axis[2:3 * s_w:3] = 1, 2
             inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))
-            self.rope_tables[device] = axis.to(device), inv_freq.to(device)
-        axis, inv_freq = self.rope_tables[device]
-        freqs = positions[axis].permute(1, 2, 0).float() * inv_freq                       # (B, T, hd/2)
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None]                                  # (B, 1, T, hd)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+            sign = torch.cat([-torch.ones(hd // 2), torch.ones(hd // 2)])
+            # both halves of a head turn with the same frequencies
+            self.rope_tables[device] = axis.repeat(2).to(device), inv_freq.repeat(2).to(device), sign.to(device)
+        axis, inv_freq, sign = self.rope_tables[device]
+        angles = positions.index_select(0, axis).permute(1, 2, 0).float() * inv_freq     # (B, T, hd)
+        return angles.cos().to(dtype)[:, :, None], (angles.sin() * sign).to(dtype)[:, :, None]
 
     def attention_mask(self, key_mask, query_slots, dtype):
         """Additive mask (0: may attend, -inf: may not) from the real keys (B, S) and the queries'
