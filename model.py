@@ -132,9 +132,11 @@ class Attention(nn.Module):
     def qkv(self, x, cos, sin):
         """Queries (B, nh, T, hd), keys and values (B, nkv, T, hd) of x (B, T, D), RoPE applied;
         also used by generate.py's attention report to recompute a step's query."""
-        B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).view(B, T, -1, self.head_dim).split(self.heads, dim=2)  # (B, T, heads, hd)
-        q, k = rope(self.q_norm(q), cos, sin), rope(self.k_norm(k), cos, sin)
+        (B, T, _), (nh, nkv, _) = x.shape, self.heads
+        qk, v = self.qkv_proj(x).view(B, T, -1, self.head_dim).split([nh + nkv, nkv], dim=2)  # (B, T, heads, hd)
+        q, k = rms_norm(qk, self.q_norm.eps).split([nh, nkv], dim=2)  # q_norm and k_norm normalise each head
+        q, k = q * self.q_norm.weight, k * self.k_norm.weight          # alone: one call for both, then the weights
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x, cos, sin, mask, cache):
