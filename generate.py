@@ -61,8 +61,8 @@ def generate(model, input_ids, pixel_values=None, image_grid_thw=None, max_new_t
     """Yield each new token id (an int) as soon as it is chosen, for one prompt input_ids (1, T);
     stop after a stop token (which is yielded) or after max_new_tokens. `compile` runs the decoding
     step through torch.compile. On a CUDA device the step is recorded once as a CUDA graph and
-    replayed for every later token (`cuda_graph`): one launch in place of the step's kernels (about
-    1,300 for the 4B), whose one-by-one launching is what bounds the speed of a model at batch 1."""
+    replayed for every later token (`cuda_graph`): one launch in place of the step's kernels (over
+    a thousand for the 4B), whose one-by-one launching is what bounds the speed of a model at batch 1."""
     (B, T), context = input_ids.shape, model.config.max_position_embeddings
     if B != 1:
         raise ValueError(f"generate takes one prompt, got a batch of {B}")
