@@ -52,6 +52,17 @@ def one_photo_prompt(ref_processor, photos):
                                              return_dict=True, return_tensors="pt")
 
 
+def test_every_checkpoint_tensor_lands_in_its_place(tiny_untied):
+    """Value for value, including q_proj, k_proj and v_proj as the row blocks of one qkv_proj."""
+    ref, ours = fx.reference_model(tiny_untied), load_qwen.load_model(tiny_untied)
+    targets = load_qwen.checkpoint_targets(ours)
+    for name, tensor in ref.state_dict().items():
+        assert torch.equal(targets[load_qwen.our_name(name)].reshape(tensor.shape), tensor), name
+    attn = ref.model.language_model.layers[1].self_attn
+    qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    assert torch.equal(ours.layers[1].self_attn.qkv_proj.weight, qkv)
+
+
 def test_tied_checkpoint_that_keeps_lm_head(tiny_tied, tmp_path, ref_processor, photos):
     for file in ("config.json", "model.safetensors"):
         shutil.copy(tiny_tied / file, tmp_path / file)
