@@ -137,7 +137,7 @@ class Attention(nn.Module):
         q, k = rms_norm(qk, self.q_norm.eps).split([nh, nkv], dim=2)  # q_norm and k_norm normalise each head
         q, k = q * self.q_norm.weight, k * self.k_norm.weight          # alone: one call for both, then the weights
         q, k = rope(q, cos, sin), rope(k, cos, sin)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)                   # (B, heads, T, hd)
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape
