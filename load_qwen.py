@@ -174,7 +174,7 @@ def load_weights(model, ckpt):
     Strict: unknown, missing, duplicated or mis-shaped tensors raise, naming the tensor."""
     index = ckpt / "model.safetensors.index.json"
     files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    params = checkpoint_targets(model)
+    targets = checkpoint_targets(model)
     filled = set()
     for file in files:
         if not (ckpt / file).exists():
@@ -185,10 +185,10 @@ def load_weights(model, ckpt):
                 ours = our_name(name)
                 if ours == "lm_head.weight" and model.config.tie_word_embeddings:
                     continue  # tied: the head is the embedding, already loaded
-                if ours not in params or ours in filled:
+                if ours not in targets or ours in filled:
                     raise ValueError(f"checkpoint tensor {name} does not fit the model described by config.json"
-                                     if ours not in params else f"tensor {name} appears twice in the checkpoint")
-                param, shape = params[ours].data, torch.Size(info["shape"])
+                                     if ours not in targets else f"tensor {name} appears twice in the checkpoint")
+                param, shape = targets[ours].data, torch.Size(info["shape"])
                 if ours == "visual.patch_embed.weight":  # Conv3d (C, 3, 2, 16, 16) -> our Linear (C, 1536)
                     shape = shape[:1] + (shape[1:].numel(),)
                 if shape != param.shape:
@@ -199,7 +199,7 @@ def load_weights(model, ckpt):
                 else:  # converts dtype and moves to the device on the way
                     param.copy_(read_tensor(f, data_start, name, info).view(shape))
                 filled.add(ours)
-    if missing := sorted(params.keys() - filled):
+    if missing := sorted(targets.keys() - filled):
         example = _rename(missing[0], _TO_CHECKPOINT)
         raise ValueError(f"checkpoint {ckpt} is missing {len(missing)} tensor(s), e.g. {example}")
 

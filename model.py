@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vision import MERGE, VisionTower
+from vision import MERGE, VisionTower, rope
 
 
 @dataclass
@@ -108,13 +108,6 @@ class KVCache:
         k_all.index_copy_(2, self.slots, k)
         v_all.index_copy_(2, self.slots, v)
         return k_all, v_all
-
-
-def rope(x, cos, sin):
-    """Rotary embedding of x (..., hd): each pair (x_i, x_i+hd/2) turned by its angle, which is
-    x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1). The roll swaps the two halves;
-    the minus sign comes with sin, whose first half Qwen3VL.rotary negates."""
-    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 
 class Attention(nn.Module):
