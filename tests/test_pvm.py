@@ -1,4 +1,5 @@
 """PVM (pvm.py): sizes, the identity at initialisation, masking, caching, the formula, and files."""
+import copy
 import json
 from pathlib import Path
 
@@ -33,9 +34,15 @@ def prompt(photo, text_ids):
 
 
 @pytest.fixture(scope="module")
-def pvm_model(tiny_untied):
+def pvm_base(tiny_untied):
     torch.manual_seed(0)
     return pvm.attach_pvm(load_qwen.load_model(tiny_untied), [1, 3], 64)
+
+
+@pytest.fixture
+def pvm_model(pvm_base):
+    """A copy per test: a test opens the gates, and a failing one must not leave them open."""
+    return copy.deepcopy(pvm_base)
 
 
 def test_identity_at_init_and_the_gate_gets_a_gradient(tiny_untied, pvm_model, photos):
