@@ -113,13 +113,31 @@ def config_from_hf(hf):
         if lookup(hf, place) not in (None, want):
             raise ValueError(f"config.json has {place} = {lookup(hf, place)!r}; "
                              f"this implementation supports {want!r}")
-    values = {}
-    for field, place in CONFIG_FIELDS.items():
-        value, default = lookup(hf, place), getattr(Config, field)
-        if value is None:
-            raise ValueError(f"config.json lacks {place}")
-        values[field] = tuple(value) if isinstance(default, tuple) else value
-    return Config(**values)
+    values = {field: checked(lookup(hf, place), place, type(getattr(Config, field)))
+              for field, place in CONFIG_FIELDS.items()}
+    config = Config(**values)
+    if sum(config.mrope_section) != config.head_dim // 2:
+        raise ValueError(f"config.json: text_config.rope_scaling.mrope_section sums to "
+                         f"{sum(config.mrope_section)}, not head_dim / 2 = {config.head_dim // 2}")
+    if not all(0 <= i < config.vision_depth for i in config.vision_deepstack_indexes):
+        raise ValueError(f"config.json: vision_config.deepstack_visual_indexes "
+                         f"{list(config.vision_deepstack_indexes)} go beyond the vision depth "
+                         f"{config.vision_depth}")
+    return config
+
+
+def checked(value, place, kind):
+    """config.json's value at `place` as a Config field of type `kind`, or a clear error."""
+    if value is None:
+        raise ValueError(f"config.json lacks {place}")
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    fits = {int: is_int, float: is_int or isinstance(value, float), bool: isinstance(value, bool),
+            tuple: isinstance(value, list) and all(isinstance(v, int) for v in value)}[kind]
+    if not fits:
+        want = {int: "an integer", float: "a number", bool: "true or false",
+                tuple: "a list of integers"}[kind]
+        raise ValueError(f"config.json: {place} must be {want}, got {value!r}")
+    return tuple(value) if kind is tuple else value
 
 
 def hf_config(config):

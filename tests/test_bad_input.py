@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import fixtures as fx
 import load_qwen
 from vision import load_image
 
@@ -28,6 +29,45 @@ def test_config_of_another_architecture(tmp_path):
               "text_config": {"model_type": "llama"}, "vision_config": {"model_type": "clip_vision_model"}}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="llava"):
+        load_qwen.load_model(tmp_path)
+
+
+def official_4b():
+    return json.loads((fx.OFFICIAL_DIR / "config-4b.json").read_text())
+
+
+def edited(edit):
+    config = official_4b()
+    edit(config)
+    return config
+
+
+BAD_CONFIGS = {  # config.json -> the words of the error
+    "not an object": ([1, 2], "not a Qwen3-VL checkpoint"),
+    "no text_config": (edited(lambda c: c.pop("text_config")), "lacks text_config.vocab_size"),
+    "null text_config": (edited(lambda c: c.update(text_config=None)), "lacks text_config."),
+    "a string for a number": (edited(lambda c: c["text_config"].update(hidden_size="2560")),
+                              "text_config.hidden_size must be an integer, got '2560'"),
+    "DeepStack beyond the depth": (
+        edited(lambda c: c["vision_config"].update(deepstack_visual_indexes=[5, 11, 24])),
+        "deepstack_visual_indexes [5, 11, 24] go beyond the vision depth 24"),
+    "mrope_section": (edited(lambda c: c["text_config"]["rope_scaling"].update(
+        mrope_section=[24, 20, 19])), "mrope_section sums to 63, not head_dim / 2 = 64"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_config_json_is_checked_field_by_field(case, tmp_path):
+    config, words = BAD_CONFIGS[case]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(words)):
+        load_qwen.load_model(tmp_path)
+
+
+def test_an_index_without_weight_map(tiny_untied, tmp_path):
+    shutil.copy(tiny_untied / "config.json", tmp_path / "config.json")
+    (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match="model.safetensors.index.json has no weight_map"):
         load_qwen.load_model(tmp_path)
 
 
