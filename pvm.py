@@ -16,9 +16,10 @@ import re
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from model import MLP, RMSNorm, rms_norm
+from model import MLP, RMSNorm
 
 PRESETS = {"4b": (5, 11, 17), "8b": (8, 16, 24)}  # decoder layers that carry a PVM block; d = 512
 
@@ -35,16 +36,19 @@ class CrossAttention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=False)
         self.q_norm, self.k_norm = RMSNorm(hd), RMSNorm(hd)  # per head, as the backbone's attention
 
-    def forward(self, t, v, v_mask):
-        (B, T, d), Nv = t.shape, v.size(1)
-        q = self.q_norm(self.q_proj(t).view(B, T, -1, self.hd)).transpose(1, 2)   # (B, nq, T, hd)
-        k = self.k_norm(self.k_proj(v).view(B, Nv, -1, self.hd)).transpose(1, 2)  # (B, nkv, Nv, hd)
-        val = self.v_proj(v).view(B, Nv, -1, self.hd).transpose(1, 2)             # (B, nkv, Nv, hd)
-        k, val = (x.repeat_interleave(q.size(1) // x.size(1), dim=1) for x in (k, val))  # (B, nq, Nv, hd)
-        scores = (q @ k.transpose(-1, -2)).float() * self.hd**-0.5                # (B, nq, T, Nv)
-        scores = scores.masked_fill(~v_mask[:, None, None, :], torch.finfo(torch.float32).min)
-        attn = scores.softmax(dim=-1).to(val.dtype)  # over the visual tokens alone: length-independent
-        return self.o_proj((attn @ val).transpose(1, 2).reshape(B, T, d))        # (B, T, d)
+    def forward(self, text, bank, bank_mask):
+        """text (B, T, d) attends to the visual bank (B, Nv, d), bank_mask (B, Nv) -> (B, T, d)."""
+        (B, T, d), Nv = text.shape, bank.size(1)
+        q = self.q_norm(self.q_proj(text).view(B, T, -1, self.hd)).transpose(1, 2)  # (B, nq, T, hd)
+        k = self.k_norm(self.k_proj(bank).view(B, Nv, -1, self.hd)).transpose(1, 2)  # (B, nkv, Nv, hd)
+        v = self.v_proj(bank).view(B, Nv, -1, self.hd).transpose(1, 2)               # (B, nkv, Nv, hd)
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)                       # (B, nq, Nv, hd)
+        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)                       # (B, nq, Nv, hd)
+        scores = (q @ k.transpose(-1, -2)).float() * self.hd**-0.5                   # (B, nq, T, Nv)
+        scores = scores.masked_fill(~bank_mask[:, None, None, :], torch.finfo(torch.float32).min)
+        attn = scores.softmax(dim=-1).to(v.dtype)  # over the visual tokens alone: no length in it
+        out = (attn @ v).transpose(1, 2).reshape(B, T, d)                            # (B, T, d)
+        return self.o_proj(out)
 
 
 class PVMBlock(nn.Module):
@@ -73,7 +77,7 @@ class PVMBlock(nn.Module):
         t = self.input_norm(self.text_reducer(a))                                 # (B, T, d)
         m = self.cross_attn(t, self.vision_reducer(bank), bank_mask)              # (B, T, d)
         m = m + self.mlp(self.post_attn_norm(m))
-        out = self.gate_alpha * rms_norm(self.output_expander(m), self.eps)       # (B, T, D)
+        out = self.gate_alpha * F.rms_norm(self.output_expander(m), (a.size(-1),), eps=self.eps)  # (B, T, D)
         # silence the image's own positions and samples without an image (their bank is all padding)
         keep = ~is_image & bank_mask.any(dim=1, keepdim=True)                     # (B, T)
         return out * keep[..., None].to(out.dtype)

@@ -89,11 +89,16 @@ def merge_window_order(x, h, w):
     return x.reshape(h * w, *x.shape[4:])
 
 
-def rope(x, cos, sin):
-    """Rotary embedding of x (..., hd): each pair (x_i, x_i+hd/2) turned by its angle, which is
-    x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1). The roll swaps the two halves;
-    the minus sign comes with sin, whose first half the rotary tables negate (here and in model.py)."""
-    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
+def rotate_half(x):
+    """(x1, x2) -> (-x2, x1), the two halves of the last axis: a quarter turn of each pair."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """Rotary embedding of x (..., hd): each pair (x_i, x_i+hd/2) turned by its angle. Shared by
+    the vision tower (2-D angles) and the text decoder (3-D multimodal angles, model.py)."""
+    return x * cos + rotate_half(x) * sin
 
 
 class VisionAttention(nn.Module):
@@ -107,7 +112,8 @@ class VisionAttention(nn.Module):
         N, C = x.shape
         q, k, v = self.qkv(x).view(N, 3, self.n_head, C // self.n_head).unbind(1)  # 3 x (N, nh, hd)
         # 2-D rotary in float32, as the reference's apply_rotary_pos_emb_vision
-        q, k = rope(q.float(), cos, sin).to(v.dtype), rope(k.float(), cos, sin).to(v.dtype)
+        q = apply_rope(q.float(), cos, sin).to(v.dtype)
+        k = apply_rope(k.float(), cos, sin).to(v.dtype)
         # full (non-causal) attention inside each image, never across images
         out = []
         for qi, ki, vi in zip(*(t.transpose(0, 1).split(lengths, dim=1) for t in (q, k, v))):  # (nh, n, hd)
@@ -181,14 +187,14 @@ class VisionTower(nn.Module):
 
     def rotary(self, h, w, device):
         """2-D rotary angles: the first half of the frequencies turn with the row, the second with
-        the column. Returns cos, sin of shape (h*w, 1, head_dim), sin's first half negated (rope)."""
+        the column. Returns cos, sin of shape (h*w, 1, head_dim); both halves of a head turn alike."""
         dim = self.head_dim // 2
         inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
         rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
         rc = merge_window_order(torch.stack([rows, cols], dim=-1), h, w).float()          # (h*w, 2)
         freqs = (rc[:, :, None] * inv_freq).flatten(1)                                   # (h*w, dim)
         cos, sin = freqs.cos(), freqs.sin()
-        return torch.cat([cos, cos], dim=-1)[:, None], torch.cat([-sin, sin], dim=-1)[:, None]  # (h*w, 1, head_dim)
+        return torch.cat([cos, cos], dim=-1)[:, None], torch.cat([sin, sin], dim=-1)[:, None]  # (h*w, 1, hd)
 
     def forward(self, pixel_values, grid_thw):
         """(N, 1536), (images, 3) -> image embeddings (N/4, D), [DeepStack features (N/4, D)] * 3."""

@@ -143,7 +143,7 @@ def test_save_load_round_trip_and_refusals(tiny_untied, pvm_model, tmp_path):
     pvm.save_pvm(pvm_model, tmp_path / "pvm.safetensors")
     with torch.no_grad():
         pvm_model.layers[3].pvm_block.gate_alpha.zero_()
-    loaded = load_qwen.load_model(tiny_untied, pvm=tmp_path / "pvm.safetensors")
+    loaded = load_qwen.load_model(tiny_untied, pvm_file=tmp_path / "pvm.safetensors")
     assert loaded.config.pvm_layers == (1, 3) and loaded.config.pvm_dim == 64
     assert loaded.layers[3].pvm_block.gate_alpha.item() == 0.25
     for name, tensor in pvm.pvm_state_dict(loaded).items():
@@ -153,5 +153,5 @@ def test_save_load_round_trip_and_refusals(tiny_untied, pvm_model, tmp_path):
         other = pvm.attach_pvm(load_qwen.load_model(tiny_untied), layers, d)
         pvm.save_pvm(other, tmp_path / "other.safetensors")
         with pytest.raises(ValueError, match=message):
-            pvm.load_pvm(load_qwen.load_model(tiny_untied, pvm=tmp_path / "pvm.safetensors"),
+            pvm.load_pvm(load_qwen.load_model(tiny_untied, pvm_file=tmp_path / "pvm.safetensors"),
                          tmp_path / "other.safetensors")
