@@ -100,24 +100,24 @@ def generate(model, input_ids, pixel_values=None, image_grid_thw=None, max_new_t
         n_image = int((input_ids == model.config.image_token_id).sum())
         raise ValueError(f"the prompt is {T} tokens ({n_image} from images), over the model's "
                          f"context of {context}: use smaller or fewer images, or a shorter prompt")
-    max_new_tokens = min(max_new_tokens, context - T)
+    max_new_tokens = min(max_new_tokens, context - T)  # the answer must fit the context too
     stop_tokens = model.config.eos_token_ids if stop_tokens is None else stop_tokens
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     # a seed reproduces the sampled answer; without one, a fresh seed (not torch's global one)
     seed = random.randrange(2**63) if seed is None else seed
     generator = torch.Generator(device).manual_seed(seed)
-    cache = KVCache(model.config, B, T + max_new_tokens, device, dtype)
+    cache = KVCache(model.config, B, T + max_new_tokens, device, dtype)  # all the room, at once
     if pixel_values is not None:
         pixel_values, image_grid_thw = pixel_values.to(device), image_grid_thw.to(device)
     step = torch.compile(decode_step, fullgraph=True) if compile else decode_step  # compiled once
     next_logits = partial(step, model, cache=cache)  # token (1, 1) -> logits (1, V)
-    if cuda_graph and device.type == "cuda":
+    if cuda_graph and device.type == "cuda":  # the CPU path never records
         next_logits = CUDAGraphStep(next_logits)
     hidden = model.hidden_states(input_ids.to(device), pixel_values, image_grid_thw, cache=cache)
     logits = model.lm_head(hidden[:, -1])  # (1, T, D) -> (1, V): the last position chooses
     for n in range(1, max_new_tokens + 1):
         token = sample(logits, temperature, top_k, top_p, generator)  # (1,)
-        token_id = token.item()
+        token_id = token.item()  # waits for the device: the caller needs the id anyway
         yield token_id
         if token_id in stop_tokens or n == max_new_tokens:  # no step whose logits go unused
             return
@@ -174,7 +174,7 @@ def main(args):
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = system + [{"role": "user", "content": content}]
     input_ids, pixel_values, image_grid_thw = encode_chat(tokenizer, messages)  # reads the images
-    model = load_model(checkpoint, args.device, dtype, pvm=args.pvm)
+    model = load_model(checkpoint, args.device, dtype, pvm_file=args.pvm)
     report = AttentionReport(model, input_ids) if args.report else contextlib.nullcontext()
     stream, times, tokens = DecodeStream(skip_special_tokens=True), [time.perf_counter()], []
     with report:  # its hooks run only where the step runs eagerly: no CUDA graph then

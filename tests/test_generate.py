@@ -150,13 +150,13 @@ def test_sample_filters():
 
 
 def test_pvm_file_attaches(ours, tiny_untied, tmp_path):
-    """A PVM file loads through load_model(pvm=...) and acts on every decoded token; at gate 0 the
-    answer is the base model's."""
+    """A PVM file loads through load_model(pvm_file=...) and acts on every decoded token; at
+    gate 0 the answer is the base model's."""
     model, prompt = ours
     base = run(model, prompt)
     with_pvm = pvm.attach_pvm(load_qwen.load_model(tiny_untied), [1, 3], 64)
     pvm.save_pvm(with_pvm, tmp_path / "pvm.safetensors")
-    loaded = load_qwen.load_model(tiny_untied, pvm=tmp_path / "pvm.safetensors")
+    loaded = load_qwen.load_model(tiny_untied, pvm_file=tmp_path / "pvm.safetensors")
     assert run(loaded, prompt) == base
     for layer in (1, 3):
         loaded.layers[layer].pvm_block.gate_alpha.data.fill_(1.0)
