@@ -19,12 +19,15 @@ CAT = REPO / "cat.jpg"
 IN_PROCESS = {
     "not an image": (["--image", "{tmp}/notes.jpg"], "cannot read image"),
     "truncated jpeg": (["--image", "{tmp}/truncated.jpg"], "truncated"),
-    "longer than the context": (["--model", "{tmp}/short_context", "--image", CAT], "over the model's context of 100"),
-    "pvm that does not fit": (["--image", CAT, "--pvm", "{tmp}/pvm.safetensors"], "PVM needs layers within 0..3"),
+    "longer than the context": (["--model", "{tmp}/short_context", "--image", CAT],
+                                "over the model's context of 100"),
+    "pvm that does not fit": (["--image", CAT, "--pvm", "{tmp}/pvm.safetensors"],
+                              "PVM needs layers within 0..3"),
 }
 AS_PROCESS = {
     "missing image": (["--image", "no/such/photo.jpg"], "image not found: no/such/photo.jpg"),
-    "unknown model offline": (["--model", "nobody/no-such-model", "--image", CAT], "nobody/no-such-model"),
+    "unknown model offline": (["--model", "nobody/no-such-model", "--image", CAT],
+                              "nobody/no-such-model"),
 }
 
 
@@ -44,8 +47,8 @@ def bad_files(tmp_path_factory, tiny_untied):
     config["text_config"]["max_position_embeddings"] = 100
     (short / "config.json").write_text(json.dumps(config))
     # PVM weights for a decoder layer the 4-layer model does not have
-    save_file({"model.language_model.layers.7.pvm_block.text_reducer.weight": torch.zeros(64, 64)},
-              str(tmp / "pvm.safetensors"))
+    weights = {"model.language_model.layers.7.pvm_block.text_reducer.weight": torch.zeros(64, 64)}
+    save_file(weights, str(tmp / "pvm.safetensors"))
     return tmp
 
 
@@ -57,9 +60,11 @@ def command(args, tmp, checkpoint):
 @pytest.fixture(scope="module")
 def processes(tiny_untied):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    started = {case: subprocess.Popen([sys.executable, str(REPO / "generate.py"), *command(args, None, tiny_untied)],
-                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for case, (args, _) in AS_PROCESS.items()}
+    started = {}
+    for case, (args, _) in AS_PROCESS.items():
+        line = [sys.executable, str(REPO / "generate.py"), *command(args, None, tiny_untied)]
+        started[case] = subprocess.Popen(line, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)
     yield started
     for process in started.values():  # any a deselected test left running
         process.kill()
@@ -68,8 +73,10 @@ def processes(tiny_untied):
 
 def check(status, stdout, stderr, phrase):
     assert status == 2, stderr
-    assert stdout == "" and "Traceback" not in stderr
-    assert stderr.count("\n") == 1 and stderr.startswith("error: ")
+    assert stdout == ""
+    assert "Traceback" not in stderr
+    assert stderr.count("\n") == 1
+    assert stderr.startswith("error: ")
     assert phrase in stderr
 
 

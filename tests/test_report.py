@@ -1,8 +1,10 @@
-"""generate.py --report: the recorded attention shares equal transformers' attention weights, recording
-changes no token, the PVM ratio is non-zero exactly where PVM writes, and a report that cannot be
-written is refused before the model loads."""
+"""report.py, behind generate.py --report: the recorded attention shares equal transformers'
+attention weights, recording changes no token, the PVM ratio is non-zero exactly where PVM writes,
+a report that cannot be written is refused before the model loads, and the figure shows every PVM
+layer and says when the prompt holds no image."""
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import fixtures as fx
 import generate
 import load_qwen
 import pvm
+import report
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -20,43 +23,50 @@ IMAGE = 151655
 N = 24  # generated tokens
 
 
-
 def encode(checkpoint, image=True):
-    content = [{"type": "image", "image": CAT}] * image + [{"type": "text", "text": "Describe this image."}]
-    return load_qwen.encode_chat(load_qwen.load_tokenizer(checkpoint), [{"role": "user", "content": content}])
+    content = [{"type": "image", "image": CAT}] * image
+    content.append({"type": "text", "text": "Describe this image."})
+    messages = [{"role": "user", "content": content}]
+    return load_qwen.encode_chat(load_qwen.load_tokenizer(checkpoint), messages)
 
 
 def recorded(model, prompt, **options):
     """The generated tokens and the report that watched them."""
-    with generate.AttentionReport(model, prompt[0]) as report:
+    with report.AttentionReport(model, prompt[0]) as watcher:
         tokens = list(generate.generate(model, *prompt, max_new_tokens=N, **options))
-    return tokens, report
+    return tokens, watcher
 
 
 def test_shares_are_the_reference_attention_weights(tiny_untied):
     model, prompt = load_qwen.load_model(tiny_untied), encode(tiny_untied)
-    tokens, report = recorded(model, prompt)
-    assert len(tokens) == N and all(not layer.self_attn._forward_hooks for layer in model.layers)  # hooks gone
-    mass = torch.stack([torch.stack(per_step) for per_step in report.mass], dim=1)  # (N, layers, nh, 2)
-    assert mass.shape == (N, 4, 4, 2) and ((mass >= 0) & (mass <= 1)).all()
+    tokens, watcher = recorded(model, prompt)
+    assert len(tokens) == N
+    assert all(not layer.self_attn._forward_hooks for layer in model.layers)  # hooks gone
+    mass = torch.stack([torch.stack(steps) for steps in watcher.mass], dim=1)  # (N, layers, nh, 2)
+    assert mass.shape == (N, 4, 4, 2)
+    assert ((mass >= 0) & (mass <= 1)).all()
     assert (mass.sum(-1) - 1).abs().max() <= 1e-6  # image + text, per head
 
-    # the oracle: transformers' eager attention weights of one forward over the prompt and the answer
+    # the oracle: transformers' eager attention weights of one forward over prompt and answer
     ids, T = torch.cat([prompt[0], torch.tensor([tokens])], dim=1), prompt[0].size(1)
     with torch.no_grad():
-        out = fx.reference_model(tiny_untied)(input_ids=ids, pixel_values=prompt[1], image_grid_thw=prompt[2],
-                                              mm_token_type_ids=(ids == IMAGE).int(), output_attentions=True)
+        out = fx.reference_model(tiny_untied)(
+            input_ids=ids, pixel_values=prompt[1], image_grid_thw=prompt[2],
+            mm_token_type_ids=(ids == IMAGE).int(), output_attentions=True)
     queries = torch.arange(T - 1, T - 1 + N)  # the query that chose each generated token
     # each layer's weights (1, nh, S, S): rows of those queries, summed over the image's columns
-    want = torch.stack([a[0][:, queries][..., ids[0] == IMAGE].sum(-1).T for a in out.attentions], 1)  # (N, L, nh)
+    want = torch.stack([a[0][:, queries][..., ids[0] == IMAGE].sum(-1).T  # (N, nh)
+                        for a in out.attentions], dim=1)                    # (N, layers, nh)
     assert (mass[..., 0] - want).abs().max() <= 1e-5
-    summary = report.summary(tokens)
-    assert (torch.tensor(summary["image_share"]) - want.mean(-1)).abs().max() <= 1e-5  # mean over heads
-    assert summary["prompt_tokens"] == T and summary["image_tokens"] == int((prompt[0] == IMAGE).sum())
+    summary = watcher.summary(tokens)
+    share = torch.tensor(summary["image_share"])                            # (N, layers)
+    assert (share - want.mean(-1)).abs().max() <= 1e-5  # mean over heads
+    assert summary["prompt_tokens"] == T
+    assert summary["image_tokens"] == int((prompt[0] == IMAGE).sum())
 
 
 def test_report_changes_no_token(tiny_untied, tmp_path, capsys, monkeypatch):
-    args = ["--model", tiny_untied, "--image", CAT, "--max-new-tokens", N, "--seed", 3]  # sampling, seeded
+    args = ["--model", tiny_untied, "--image", CAT, "--max-new-tokens", N, "--seed", 3]  # sampled
     with monkeypatch.context() as m:
         m.setattr(generate, "AttentionReport", None)  # the plain path never builds a report
         assert generate.cli(list(map(str, args))) == 0
@@ -64,10 +74,12 @@ def test_report_changes_no_token(tiny_untied, tmp_path, capsys, monkeypatch):
     assert generate.cli(list(map(str, args + ["--report", tmp_path / "report.png"]))) == 0
     assert capsys.readouterr().out == plain
     numbers = json.loads((tmp_path / "report.json").read_text())
-    assert len(numbers["tokens"]) == len(numbers["image_share"]) and len(numbers["image_share"][0]) == 4
-    assert numbers["pvm_layers"] == [] and numbers["pvm_ratio"] == []
+    assert len(numbers["tokens"]) == len(numbers["image_share"])
+    assert len(numbers["image_share"][0]) == 4
+    assert numbers["pvm_layers"] == []
+    assert numbers["pvm_ratio"] == []
     model = load_qwen.load_model(tiny_untied)
-    options = dict(temperature=0.7, top_k=20, top_p=0.8, seed=3)  # the checkpoint's generation_config.json
+    options = dict(temperature=0.7, top_k=20, top_p=0.8, seed=3)  # generation_config.json's
     assert numbers["tokens"] == list(generate.generate(model, *encode(tiny_untied), N, **options))
     assert (tmp_path / "report.png").read_bytes().startswith(b"\x89PNG")
 
@@ -80,33 +92,40 @@ def test_pvm_ratio_is_nonzero_exactly_at_text_after_an_image(tiny_untied):
         for i in (1, 3):
             model.layers[i].pvm_block.gate_alpha.data.fill_(gate)
         prompt = encode(tiny_untied, image)
-        tokens, report = recorded(model, prompt)
-        assert list(report.pvm) == [1, 3]
-        return prompt, tokens, torch.stack([torch.stack(r) for r in report.pvm.values()])  # (2, N)
+        tokens, watcher = recorded(model, prompt)
+        assert list(watcher.pvm) == [1, 3]
+        return prompt, tokens, torch.stack([torch.stack(r) for r in watcher.pvm.values()])  # (2, N)
 
     prompt, tokens, with_image = ratios(image=True, gate=0.5)
-    assert with_image.shape == (2, N) and (with_image > 0).all()  # every generated token is text
-    # the same ratio from one forward over the prompt and the answer, at the queries that chose the tokens
-    sizes, T = {}, prompt[0].size(1)  # (layer, "ffn" / "pvm") -> (S,) norm of the output at each position
+    assert with_image.shape == (2, N)
+    assert (with_image > 0).all()  # every generated token is text
+    # the same ratio from one forward over prompt and answer, at the queries that chose the tokens
+    sizes, T = {}, prompt[0].size(1)  # (layer, "ffn" / "pvm") -> (S,): the output's norm
     modules = {(i, name): getattr(model.layers[i], attr)
                for i in (1, 3) for name, attr in (("ffn", "mlp"), ("pvm", "pvm_block"))}
-    hooks = [m.register_forward_hook(lambda m, args, out, key=key: sizes.update({key: out[0].norm(dim=-1)}))
-             for key, m in modules.items()]
+
+    def keep_size(key, module, args, out):
+        sizes[key] = out[0].norm(dim=-1)
+
+    hooks = [m.register_forward_hook(partial(keep_size, key)) for key, m in modules.items()]
     with torch.no_grad():
         model(torch.cat([prompt[0], torch.tensor([tokens[:-1]])], dim=1), *prompt[1:])
     for hook in hooks:
         hook.remove()
-    want = torch.stack([sizes[i, "pvm"][T - 1:] / sizes[i, "ffn"][T - 1:] for i in (1, 3)])  # (2, N)
+    want = torch.stack([sizes[i, "pvm"][T - 1:] / sizes[i, "ffn"][T - 1:]
+                        for i in (1, 3)])                                   # (2, N)
     assert ((with_image - want).abs() / want).max() <= 1e-4
     assert (ratios(image=False, gate=0.5)[2] == 0).all()
     assert (ratios(image=True, gate=0.0)[2] == 0).all()
 
 
 REFUSED = {
-    "no matplotlib": (["--report", "{tmp}/r.png"], "--report needs matplotlib (pip install matplotlib)"),
+    "no matplotlib": (["--report", "{tmp}/r.png"],
+                      "--report needs matplotlib (pip install matplotlib)"),
     "json suffix": (["--report", "{tmp}/r.json"], "a figure suffix such as .png"),
     "no directory": (["--report", "{tmp}/missing/r.png"], "needs an existing directory"),
-    "compile": (["--report", "{tmp}/r.png", "--compile"], "--report and --compile do not go together"),
+    "compile": (["--report", "{tmp}/r.png", "--compile"],
+                "--report and --compile do not go together"),
 }
 
 
@@ -121,6 +140,39 @@ def test_unwritable_report_refused_before_loading(case, tmp_path, capsys, monkey
     args, message = REFUSED[case]
     assert generate.cli(["--image", str(CAT)] + [a.format(tmp=tmp_path) for a in args]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert out == ""
+    assert err.count("\n") == 1
+    assert err.startswith("error: ")
+    assert message in err
     if case == "no matplotlib":
         assert err == f"error: {message}\n"
+
+
+def numbers(image_tokens, pvm_ratio=(), pvm_layers=()):
+    """report.json's numbers for 5 tokens after a prompt of 40, from a 4-layer decoder."""
+    share = [[image_tokens / (40 + n)] * 4 for n in range(5)]  # (N, layers)
+    return {"prompt_tokens": 40, "image_tokens": image_tokens, "tokens": list(range(5)),
+            "image_share": share, "pvm_layers": list(pvm_layers), "pvm_ratio": list(pvm_ratio)}
+
+
+def test_figure_shows_every_pvm_layer():
+    """The second PVM layer's ratio is ten times the first's: the panel's y range holds both."""
+    ratio = [[0.1 * n, 1.0 * n] for n in range(1, 6)]  # (N, P)
+    figure = report.report_figure(numbers(16, ratio, pvm_layers=[1, 3]))
+    share_panel, pvm_panel = figure.axes
+    assert len(share_panel.texts) == 0  # an image: nothing to explain
+    lines = pvm_panel.get_lines()
+    assert [line.get_label() for line in lines] == ["PVM at layer 1", "PVM at layer 3"]
+    bottom, top = pvm_panel.get_ylim()
+    for line in lines:
+        assert bottom <= min(line.get_ydata())
+        assert max(line.get_ydata()) <= top
+
+
+def test_figure_says_when_the_prompt_has_no_image(tmp_path):
+    share_panel = report.report_figure(numbers(0)).axes[0]
+    assert len(share_panel.get_lines()) == 0  # shares of 0 would say nothing
+    assert [text.get_text() for text in share_panel.texts] == ["no image in the prompt"]
+    assert "no image in the prompt" in share_panel.get_title()
+    report.write_report(numbers(0), tmp_path / "report.png")  # and it still saves
+    assert (tmp_path / "report.png").read_bytes().startswith(b"\x89PNG")
