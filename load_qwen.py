@@ -301,3 +301,54 @@ def encode_chat(tokenizer, messages, add_generation_prompt=True):
     """Chat messages with images -> input_ids (1, T), pixel_values (N, 1536) or None,
     image_grid_thw (images, 3) or None: what the reference processor's apply_chat_template gives."""
     return encode_chat_with_spans(tokenizer, messages, add_generation_prompt)[:3]
+
+
+def content_parts(content):
+    """Message content as a list of parts, each {"type": "text", "text": str} or
+    {"type": "image", "image": PIL image, path or None}."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list) or not all(isinstance(part, dict) for part in content):
+        raise ValueError("message content must be a string or a list of parts")
+    parts = []
+    for part in content:
+        if part.get("type") == "image" or "image" in part or "path" in part:
+            parts.append({"type": "image", "image": part.get("image", part.get("path"))})
+        else:
+            parts.append({"type": "text", "text": part.get("text", "")})
+    return parts
+
+
+def save_model(model, directory):
+    """config.json (official layout), model.safetensors (official names), generation_config.json."""
+    from safetensors.torch import save_file
+    c, directory = model.config, Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    text = {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
+            "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
+            "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
+            "rope_scaling": {"mrope_section": list(c.mrope_section), "mrope_interleaved": True,
+                             "rope_type": "default"},
+            "max_position_embeddings": c.max_position_embeddings,
+            "tie_word_embeddings": c.tie_word_embeddings}
+    vision = {"hidden_size": c.vision_hidden_size, "depth": c.vision_depth,
+              "num_heads": c.vision_num_heads, "intermediate_size": c.vision_intermediate_size,
+              "num_position_embeddings": c.vision_num_position_embeddings,
+              "deepstack_visual_indexes": list(c.vision_deepstack_indexes), "patch_size": PATCH,
+              "temporal_patch_size": TEMPORAL, "spatial_merge_size": MERGE,
+              "out_hidden_size": c.hidden_size, "model_type": "qwen3_vl"}
+    config = {"model_type": "qwen3_vl", "architectures": ["Qwen3VLForConditionalGeneration"],
+              "image_token_id": c.image_token_id, "tie_word_embeddings": c.tie_word_embeddings,
+              "text_config": text, "vision_config": vision}
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tensors = {}
+    for ours, t in checkpoint_targets(model).items():
+        if ".pvm_block." in ours:
+            continue
+        name = _rename(ours, _TO_CHECKPOINT)
+        if name == "model.visual.patch_embed.proj.weight":
+            t = t.view(t.size(0), 3, TEMPORAL, PATCH, PATCH)
+        tensors[name] = t.detach().contiguous().cpu()
+    save_file(tensors, directory / "model.safetensors")
+    (directory / "generation_config.json").write_text(json.dumps({"do_sample": False}) + "\n")
