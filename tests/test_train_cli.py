@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train
-from test_train import tiny_args
+from test_train import tiny_args, write_replies
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -19,16 +19,29 @@ REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
+def files(directory):
+    return {f.relative_to(directory): f.read_bytes() for f in directory.rglob("*") if f.is_file()}
+
 
 def test_two_gloo_processes_equal_one_with_accumulation(tmp_path):
-    common = ["--size", "tiny", "--synthetic-samples", "40", "--batch-size", "2", "--max-steps", "3", "--eval-every", "0"]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                    *common, "--out", str(tmp_path / "ddp")], cwd=REPO, env=ENV, check=True, capture_output=True)
+    """Two processes of one sample each against one accumulating two: the same weights, and the
+    same loss and gradient norm at every step. The replies differ in length, so a wrong weighting
+    of samples or of ranks shows."""
+    common = ["--size", "tiny", "--data", str(write_replies(tmp_path, 8)), "--batch-size", "2",
+              "--max-steps", "3", "--eval-every", "0"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node=2", "train.py", *common, "--out", str(tmp_path / "ddp")],
+                   cwd=REPO, env=ENV, check=True, capture_output=True)
     train.main(train.parse_args([*common, "--out", str(tmp_path / "single")]))
     a, b = (load_file(tmp_path / run / "pvm.safetensors") for run in ("ddp", "single"))
     assert a.keys() == b.keys()
     assert all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
     assert not torch.equal(a["model.language_model.layers.1.pvm_block.gate_alpha"], torch.zeros(1))
+    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("ddp", "single")]
+    for ddp, single in zip(*logs):
+        assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-5)
+        assert ddp["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-4)
 
 
 def test_bad_input_gives_one_line_and_exit_status_2(tmp_path):
@@ -52,7 +65,7 @@ def test_bad_input_gives_one_line_and_exit_status_2(tmp_path):
         runs[name] = ["--data", str(tmp_path / f"{name}.jsonl"), "--out", str(tmp_path / f"out_{name}")]
     # a checkpoint of another configuration, and a fresh run that would overwrite it
     train.main(tiny_args(tmp_path / "done", "--max-steps", "1"))
-    before = {f.name: f.read_bytes() for f in (tmp_path / "done").iterdir()}
+    before = files(tmp_path / "done")
     runs["resume"] = ["--synthetic-samples", "40", "--lr", "0.5", "--resume", "--out", str(tmp_path / "done")]
     runs["overwrite"] = ["--synthetic-samples", "40", "--out", str(tmp_path / "done")]
     cases["resume"] = ([], "comes from another configuration")
@@ -64,4 +77,4 @@ def test_bad_input_gives_one_line_and_exit_status_2(tmp_path):
         _, stderr = process.communicate(timeout=120)
         last = stderr.strip().splitlines()[-1]
         assert process.returncode == 2 and last.startswith("error: ") and cases[name][1] in last, (name, stderr)
-    assert {f.name: f.read_bytes() for f in (tmp_path / "done").iterdir()} == before
+    assert files(tmp_path / "done") == before
