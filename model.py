@@ -49,14 +49,6 @@ class Config:
     pvm_dim: int = 512
 
 
-def tiny_config():
-    """A 4-layer model 64 wide with the official vocabulary and token ids."""
-    return Config(hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
-                  num_kv_heads=2, head_dim=32, mrope_section=(6, 5, 5),
-                  max_position_embeddings=4096, tie_word_embeddings=False,
-                  vision_hidden_size=64, vision_depth=4, vision_num_heads=4,
-                  vision_intermediate_size=128, vision_deepstack_indexes=(1, 2, 3))
-
 def rms_norm(x, eps):
     """x / sqrt(mean(x^2) + eps) over the last axis, computed in float32 and returned in x's dtype, as
     the reference does (F.rms_norm computes half-precision input in float32; on a GPU, in one kernel)."""
