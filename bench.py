@@ -12,11 +12,11 @@ memory-bound on a CPU), 4b (the Qwen3-VL-4B-Instruct architecture). A developmen
 test: it imports transformers, which the runtime files never do.
 """
 import argparse
-import copy
 import json
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,33 +24,26 @@ from PIL import Image
 
 import generate
 import load_qwen
+from model import Config, tiny_config
 from vision import preprocess_image
-
-OFFICIAL_4B = json.loads((Path(__file__).parent / "tests" / "official" / "config-4b.json").read_text())
 
 
 def config_dict(size):
-    """The official config.json of Qwen3-VL-4B with the widths of `size` (official token ids)."""
-    config = copy.deepcopy(OFFICIAL_4B)
-    text, vision = config["text_config"], config["vision_config"]
-    if size == "tiny":  # a small vocabulary too, so the output head does not dominate
-        text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=32, vocab_size=4096)
-        text["rope_scaling"]["mrope_section"] = [6, 5, 5]
-        # an own output head: with a tied one, random weights repeat one token, and "same tokens" says little
-        config["tie_word_embeddings"] = text["tie_word_embeddings"] = False
-        vision.update(hidden_size=64, intermediate_size=128, depth=4, num_heads=4, out_hidden_size=64,
-                      deepstack_visual_indexes=[1, 2, 3])
-        # token ids of the tiny vocabulary, in place of 151643... (transformers reads them from here)
-        config.update(image_token_id=4000, video_token_id=4001, vision_start_token_id=4002, vision_end_token_id=4003)
-        text.update(bos_token_id=4004, eos_token_id=4005)
-    elif size == "110m":  # 78M of it is the (tied) embedding of the real vocabulary
-        text.update(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                    num_key_value_heads=4, head_dim=64)
-        text["rope_scaling"]["mrope_section"] = [12, 10, 10]
-        vision.update(hidden_size=256, intermediate_size=1024, depth=4, num_heads=4, out_hidden_size=512,
-                      deepstack_visual_indexes=[1, 2, 3])
-    return config
+    """The official config.json of a model of `size` (official token ids unless said)."""
+    if size == "tiny":
+        # the tests' tiny preset with a small vocabulary, so that the output head does not
+        # dominate, and token ids inside it (transformers reads them from config.json)
+        config = replace(tiny_config(), vocab_size=4096, image_token_id=4000, eos_token_ids=(4005,))
+        hf = load_qwen.hf_config(config)
+        hf.update(video_token_id=4001, vision_start_token_id=4002, vision_end_token_id=4003)
+        return hf
+    if size == "110m":  # 78M of it is the (tied) embedding of the real vocabulary
+        return load_qwen.hf_config(replace(
+            Config(), hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
+            num_kv_heads=4, head_dim=64, mrope_section=(12, 10, 10), vision_hidden_size=256,
+            vision_intermediate_size=1024, vision_depth=4, vision_num_heads=4,
+            vision_deepstack_indexes=(1, 2, 3)))
+    return load_qwen.hf_config(Config())  # Qwen3-VL-4B-Instruct
 
 
 def build_checkpoint(size, path, device, dtype):

@@ -2,23 +2,28 @@
 Persistent Visual Memory (PVM, arXiv 2605.00814): a small cross-attention branch beside the FFN of
 a few decoder layers that keeps the model looking at the image however long the answer grows.
 
-The image's tokens sit once at the start of the context and every generated token adds a term to
-each self-attention softmax, so their share of attention decays roughly like 1/length. PVM's
+The image's tokens sit once at the start of the context and every generated token adds a term
+to each self-attention softmax, so their share of attention decays roughly like 1/length. PVM's
 softmax runs over the visual tokens ONLY, never over the text history, so what it reads from the
-image does not thin out:   h = a + FFN(RMSNorm(a)) + PVM(a, V)
-with a the residual stream after self-attention and V the image embeddings as they entered the decoder.
+image does not thin out:
 
-Shape legend: B batch, T text positions, Nv visual tokens (padded), D model width, d latent width,
-nq / nkv latent query / key-value heads, hd head width.
+    h = a + FFN(RMSNorm(a)) + PVM(a, V)
+
+with a the residual stream after self-attention and V the image embeddings as they entered the
+decoder.
+
+Shape legend: B batch, T text positions, Nv visual tokens (padded), D model width, d latent
+width, nq / nkv latent query / key-value heads, hd head width.
 """
 import os
 import re
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from model import MLP, RMSNorm, rms_norm
+from model import MLP, RMSNorm
 
 PRESETS = {"4b": (5, 11, 17), "8b": (8, 16, 24)}  # decoder layers that carry a PVM block; d = 512
 
@@ -35,23 +40,26 @@ class CrossAttention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=False)
         self.q_norm, self.k_norm = RMSNorm(hd), RMSNorm(hd)  # per head, as the backbone's attention
 
-    def forward(self, t, v, v_mask):
-        (B, T, d), Nv = t.shape, v.size(1)
-        q = self.q_norm(self.q_proj(t).view(B, T, -1, self.hd)).transpose(1, 2)   # (B, nq, T, hd)
-        k = self.k_norm(self.k_proj(v).view(B, Nv, -1, self.hd)).transpose(1, 2)  # (B, nkv, Nv, hd)
-        val = self.v_proj(v).view(B, Nv, -1, self.hd).transpose(1, 2)             # (B, nkv, Nv, hd)
-        k, val = (x.repeat_interleave(q.size(1) // x.size(1), dim=1) for x in (k, val))  # (B, nq, Nv, hd)
-        scores = (q @ k.transpose(-1, -2)).float() * self.hd**-0.5                # (B, nq, T, Nv)
-        scores = scores.masked_fill(~v_mask[:, None, None, :], torch.finfo(torch.float32).min)
-        attn = scores.softmax(dim=-1).to(val.dtype)  # over the visual tokens alone: length-independent
-        return self.o_proj((attn @ val).transpose(1, 2).reshape(B, T, d))        # (B, T, d)
+    def forward(self, text, bank, bank_mask):
+        """text (B, T, d) attends to the visual bank (B, Nv, d), bank_mask (B, Nv) -> (B, T, d)."""
+        (B, T, d), Nv = text.shape, bank.size(1)
+        q = self.q_norm(self.q_proj(text).view(B, T, -1, self.hd)).transpose(1, 2)  # (B,nq,T,hd)
+        k = self.k_norm(self.k_proj(bank).view(B, Nv, -1, self.hd)).transpose(1, 2)
+        v = self.v_proj(bank).view(B, Nv, -1, self.hd).transpose(1, 2)    # (B, nkv, Nv, hd)
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)            # (B, nq, Nv, hd)
+        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)            # (B, nq, Nv, hd)
+        scores = (q @ k.transpose(-1, -2)).float() * self.hd**-0.5        # (B, nq, T, Nv)
+        scores = scores.masked_fill(~bank_mask[:, None, None, :], torch.finfo(torch.float32).min)
+        attn = scores.softmax(dim=-1).to(v.dtype)  # over the visual tokens alone: no length in it
+        out = (attn @ v).transpose(1, 2).reshape(B, T, d)                            # (B, T, d)
+        return self.o_proj(out)
 
 
 class PVMBlock(nn.Module):
     def __init__(self, config, d):
         super().__init__()
         D, hd = config.hidden_size, config.head_dim
-        n_kv = max(1, (d // hd) // (config.num_heads // config.num_kv_heads))  # the backbone's GQA ratio
+        n_kv = max(1, (d // hd) // (config.num_heads // config.num_kv_heads))  # backbone's GQA
         self.text_reducer = nn.Linear(D, d, bias=False)
         self.vision_reducer = nn.Linear(D, d, bias=False)
         self.input_norm = RMSNorm(d, config.rms_norm_eps)
@@ -67,14 +75,16 @@ class PVMBlock(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)
 
-    def forward(self, a, bank, bank_mask, is_image):  # (B, T, D), (B, Nv, D), (B, Nv), (B, T) -> (B, T, D)
+    def forward(self, a, bank, bank_mask, is_image):
+        """a (B, T, D), bank (B, Nv, D), bank_mask (B, Nv), is_image (B, T) -> (B, T, D)"""
         if bank.size(1) == 0:  # no image anywhere in the batch: PVM adds nothing
             return torch.zeros_like(a)
         t = self.input_norm(self.text_reducer(a))                                 # (B, T, d)
         m = self.cross_attn(t, self.vision_reducer(bank), bank_mask)              # (B, T, d)
         m = m + self.mlp(self.post_attn_norm(m))
-        out = self.gate_alpha * rms_norm(self.output_expander(m), self.eps)       # (B, T, D)
-        # silence the image's own positions and samples without an image (their bank is all padding)
+        out = F.rms_norm(self.output_expander(m), (a.size(-1),), eps=self.eps)  # (B, T, D)
+        out = self.gate_alpha * out
+        # silence the image's own positions and samples without an image (a bank of padding)
         keep = ~is_image & bank_mask.any(dim=1, keepdim=True)                     # (B, T)
         return out * keep[..., None].to(out.dtype)
 
@@ -82,11 +92,14 @@ class PVMBlock(nn.Module):
 def attach_pvm(model, layers, d=512):
     """Give decoder `layers` a freshly initialised PVM block of latent width d (trainable)."""
     config = model.config
-    if d <= 0 or d % config.head_dim or not layers or not all(0 <= i < config.num_layers for i in layers):
-        raise ValueError(f"PVM needs layers within 0..{config.num_layers - 1} and a width that is a multiple "
-                         f"of head_dim {config.head_dim}; got layers {list(layers)}, width {d}")
+    layers_fit = layers and all(0 <= i < config.num_layers for i in layers)
+    if d <= 0 or d % config.head_dim or not layers_fit:
+        raise ValueError(f"PVM needs layers within 0..{config.num_layers - 1} and a width that is "
+                         f"a multiple of head_dim {config.head_dim}; "
+                         f"got layers {list(layers)}, width {d}")
     for i in layers:
-        model.layers[i].pvm_block = PVMBlock(config, d).to(model.embed_tokens.weight)  # its device and dtype
+        block = PVMBlock(config, d).to(model.embed_tokens.weight)  # the model's device and dtype
+        model.layers[i].pvm_block = block
     config.pvm_layers, config.pvm_dim = tuple(sorted(layers)), d
     return model
 
@@ -112,20 +125,27 @@ def load_pvm(model, path):
         tensors = load_file(path)
     except Exception as e:  # missing, truncated or not a safetensors file
         raise ValueError(f"cannot read PVM weights {path}: {e}") from None
-    found = [re.fullmatch(r"model\.language_model\.layers\.(\d+)\.pvm_block\..+", name) for name in tensors]
+    found = [re.fullmatch(r"model\.language_model\.layers\.(\d+)\.pvm_block\..+", name)
+             for name in tensors]
     if not found or None in found:
-        raise ValueError(f"{path} is not a file of PVM weights (model.language_model.layers.N.pvm_block.*)")
+        raise ValueError(f"{path} is not a file of PVM weights "
+                         "(model.language_model.layers.N.pvm_block.*)")
     layers = tuple(sorted({int(m.group(1)) for m in found}))
     d = next((t.shape[0] for name, t in tensors.items() if name.endswith("text_reducer.weight")), 0)
     if not model.config.pvm_layers:
         attach_pvm(model, layers, d)
     if (layers, d) != (model.config.pvm_layers, model.config.pvm_dim):
-        raise ValueError(f"{path} holds PVM at layers {list(layers)} with width {d}; the model carries it "
-                         f"at layers {list(model.config.pvm_layers)} with width {model.config.pvm_dim}")
+        raise ValueError(f"{path} holds PVM at layers {list(layers)} with width {d}; the model "
+                         f"carries it at layers {list(model.config.pvm_layers)} "
+                         f"with width {model.config.pvm_dim}")
     expected = pvm_state_dict(model)
     for name in sorted(expected.keys() | tensors.keys()):
-        if name not in tensors or name not in expected or tensors[name].shape != expected[name].shape:
+        if name not in tensors or name not in expected:
             raise ValueError(f"{path}: {name} does not fit the model's PVM blocks of width {d}")
+        if tensors[name].shape != expected[name].shape:
+            raise ValueError(f"{path}: {name} does not fit the model's PVM blocks of width {d}")
+        if not torch.isfinite(tensors[name]).all():  # a run that diverged
+            raise ValueError(f"{path}: {name} holds NaN or infinite values")
     with torch.no_grad():
         for name, tensor in tensors.items():
             expected[name].copy_(tensor)

@@ -29,7 +29,8 @@ def smart_resize(height, width, factor=PATCH * MERGE, min_pixels=MIN_PIXELS, max
     """Sides become multiples of `factor`, aspect kept, pixel count within the budget
     (mirrors `smart_resize` of the reference image processor)."""
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"image aspect ratio {max(height, width) / min(height, width):.0f}:1 is over 200:1")
+        ratio = max(height, width) / min(height, width)
+        raise ValueError(f"image aspect ratio {ratio:.0f}:1 is over 200:1")
     h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
@@ -69,11 +70,14 @@ def preprocess_image(image):
     image = to_rgb(image)
     H, W = smart_resize(image.height, image.width)
     image = image.resize((W, H), resample=Image.BICUBIC)  # PIL takes (width, height)
-    x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(H, W, 3).permute(2, 0, 1)
-    x = ((x.double() * (1 / 255)).float() - 0.5) / 0.5  # (3, H, W): rescale in float64 as the reference, mean/std 0.5
+    x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(H, W, 3)
+    x = x.permute(2, 0, 1)                                                   # (3, H, W)
+    # rescale in float64 as the reference does, then normalise with mean = std = 0.5
+    x = ((x.double() * (1 / 255)).float() - 0.5) / 0.5
     h, w = H // PATCH, W // PATCH
     # (3, H, W) -> (h/2, w/2, 2, 2, 3, 16, 16): each 2x2 merge window becomes 4 consecutive rows
-    x = x.reshape(3, h // MERGE, MERGE, PATCH, w // MERGE, MERGE, PATCH).permute(1, 4, 2, 5, 0, 3, 6)
+    x = x.reshape(3, h // MERGE, MERGE, PATCH, w // MERGE, MERGE, PATCH)
+    x = x.permute(1, 4, 2, 5, 0, 3, 6)
     # a still image is its own second frame: (..., 3, 16, 16) -> (..., 3, 2, 16, 16)
     x = x[:, :, :, :, :, None].expand(*x.shape[:5], TEMPORAL, PATCH, PATCH)
     pixel_values = x.reshape(h * w, 3 * TEMPORAL * PATCH * PATCH)                      # (n, 1536)
@@ -85,15 +89,21 @@ def preprocess_image(image):
 
 def merge_window_order(x, h, w):
     """(h, w, ...) in raster order -> (h*w, ...) with each 2x2 merge window contiguous."""
-    x = x.reshape(h // MERGE, MERGE, w // MERGE, MERGE, *x.shape[2:]).transpose(1, 2)  # (h/2, w/2, 2, 2, ...)
+    x = x.reshape(h // MERGE, MERGE, w // MERGE, MERGE, *x.shape[2:])     # (h/2, 2, w/2, 2, ...)
+    x = x.transpose(1, 2)                                                    # (h/2, w/2, 2, 2, ...)
     return x.reshape(h * w, *x.shape[4:])
 
 
-def rope(x, cos, sin):
-    """Rotary embedding of x (..., hd): each pair (x_i, x_i+hd/2) turned by its angle, which is
-    x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1). The roll swaps the two halves;
-    the minus sign comes with sin, whose first half the rotary tables negate (here and in model.py)."""
-    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
+def rotate_half(x):
+    """(x1, x2) -> (-x2, x1), the two halves of the last axis: a quarter turn of each pair."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """Rotary embedding of x (..., hd): each pair (x_i, x_i+hd/2) turned by its angle. Shared by
+    the vision tower (2-D angles) and the text decoder (3-D multimodal angles, model.py)."""
+    return x * cos + rotate_half(x) * sin
 
 
 class VisionAttention(nn.Module):
@@ -107,12 +117,15 @@ class VisionAttention(nn.Module):
         N, C = x.shape
         q, k, v = self.qkv(x).view(N, 3, self.n_head, C // self.n_head).unbind(1)  # 3 x (N, nh, hd)
         # 2-D rotary in float32, as the reference's apply_rotary_pos_emb_vision
-        q, k = rope(q.float(), cos, sin).to(v.dtype), rope(k.float(), cos, sin).to(v.dtype)
+        q = apply_rope(q.float(), cos, sin).to(v.dtype)
+        k = apply_rope(k.float(), cos, sin).to(v.dtype)
         # full (non-causal) attention inside each image, never across images
         out = []
-        for qi, ki, vi in zip(*(t.transpose(0, 1).split(lengths, dim=1) for t in (q, k, v))):  # (nh, n, hd)
+        per_image = (t.transpose(0, 1).split(lengths, dim=1) for t in (q, k, v))  # (nh, n, hd)
+        for qi, ki, vi in zip(*per_image):
             # a leading batch dimension of 1: the fused CPU kernel only takes 4-D inputs
-            out.append(F.scaled_dot_product_attention(qi[None], ki[None], vi[None])[0].transpose(0, 1))  # (n, nh, hd)
+            y = F.scaled_dot_product_attention(qi[None], ki[None], vi[None])[0]     # (nh, n, hd)
+            out.append(y.transpose(0, 1))                                         # (n, nh, hd)
         return self.proj(torch.cat(out).reshape(N, C))
 
 
@@ -123,7 +136,8 @@ class VisionMLP(nn.Module):
         self.linear_fc2 = nn.Linear(config.vision_intermediate_size, config.vision_hidden_size)
 
     def forward(self, x):
-        return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate="tanh"))  # vision blocks: GELU-tanh
+        # the vision blocks' GELU is the tanh approximation (gelu_pytorch_tanh)
+        return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate="tanh"))
 
 
 class VisionBlock(nn.Module):
@@ -153,7 +167,10 @@ class PatchMerger(nn.Module):
 
     def forward(self, x):
         C4 = self.linear_fc1.in_features
-        x = self.norm(x.view(-1, C4)) if self.postshuffle_norm else self.norm(x).view(-1, C4)  # (N/4, 4C)
+        if self.postshuffle_norm:
+            x = self.norm(x.view(-1, C4))                                        # (N/4, 4C)
+        else:
+            x = self.norm(x).view(-1, C4)                                        # (N/4, 4C)
         return self.linear_fc2(F.gelu(self.linear_fc1(x)))  # mergers: exact (erf) GELU
 
 
@@ -175,23 +192,25 @@ class VisionTower(nn.Module):
     def position_embedding(self, h, w):
         """The learned 48x48 grid, bilinearly resampled (corners aligned) to (h, w): (h*w, C)."""
         side = int(self.pos_embed.num_embeddings ** 0.5)
-        grid = self.pos_embed.weight.view(side, side, -1).permute(2, 0, 1)[None]        # (1, C, 48, 48)
+        grid = self.pos_embed.weight.view(side, side, -1).permute(2, 0, 1)[None]  # (1,C,48,48)
         grid = F.interpolate(grid.float(), size=(h, w), mode="bilinear", align_corners=True)
         return merge_window_order(grid[0].permute(1, 2, 0), h, w)                         # (h*w, C)
 
     def rotary(self, h, w, device):
         """2-D rotary angles: the first half of the frequencies turn with the row, the second with
-        the column. Returns cos, sin of shape (h*w, 1, head_dim), sin's first half negated (rope)."""
+        the column. Returns cos, sin (h*w, 1, head_dim); both halves of a head turn alike."""
         dim = self.head_dim // 2
-        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
-        rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+        inv_freq = 1.0 / 10000.0 ** (torch.arange(0, dim, 2, device=device).float() / dim)
+        rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
+                                    indexing="ij")                               # (h, w) each
         rc = merge_window_order(torch.stack([rows, cols], dim=-1), h, w).float()          # (h*w, 2)
-        freqs = (rc[:, :, None] * inv_freq).flatten(1)                                   # (h*w, dim)
+        freqs = (rc[:, :, None] * inv_freq).flatten(1)                           # (h*w, dim)
         cos, sin = freqs.cos(), freqs.sin()
-        return torch.cat([cos, cos], dim=-1)[:, None], torch.cat([-sin, sin], dim=-1)[:, None]  # (h*w, 1, head_dim)
+        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)  # (h*w, hd)
+        return cos[:, None], sin[:, None]
 
     def forward(self, pixel_values, grid_thw):
-        """(N, 1536), (images, 3) -> image embeddings (N/4, D), [DeepStack features (N/4, D)] * 3."""
+        """(N, 1536), (images, 3) -> image embeddings (N/4, D), 3 DeepStack features (N/4, D)."""
         if any(t != 1 for t, _, _ in grid_thw.tolist()):
             raise ValueError("only still images (grid t == 1) are supported: video is left out")
         grids = [(h, w) for _, h, w in grid_thw.tolist()]
@@ -202,6 +221,6 @@ class VisionTower(nn.Module):
         deepstack = []
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, lengths)
-            if i in self.deepstack_indexes:  # features after these blocks go to decoder layers 0, 1, 2
+            if i in self.deepstack_indexes:  # after these blocks, for decoder layers 0, 1, 2
                 deepstack.append(self.deepstack_merger_list[self.deepstack_indexes.index(i)](x))
         return self.merger(x), deepstack

@@ -253,66 +253,19 @@ def build_tokenizer_json(path) -> Path:
 # Tiny model configuration
 # ---------------------------------------------------------------------------------------
 
-# Tiny sizes; everything else (token ids, vocabulary, RoPE flavour, vision geometry,
-# activation functions) is as in the official configs.
-TINY_TEXT = {
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "bos_token_id": 151643,
-    "eos_token_id": 151645,
-    "head_dim": 32,
-    "hidden_act": "silu",
-    "hidden_size": 64,
-    "initializer_range": 0.02,
-    "intermediate_size": 128,
-    "max_position_embeddings": 4096,
-    "model_type": "qwen3_vl_text",
-    "num_attention_heads": 4,
-    "num_hidden_layers": 4,
-    "num_key_value_heads": 2,
-    "rms_norm_eps": 1e-06,
-    # Official spelling. mrope_section sums to head_dim / 2 = 16 frequency pairs.
-    "rope_scaling": {"mrope_interleaved": True, "mrope_section": [6, 5, 5], "rope_type": "default"},
-    "rope_theta": 5000000,
-    "use_cache": True,
-    "vocab_size": VOCAB_SIZE,
-}
-TINY_VISION = {
-    "deepstack_visual_indexes": [1, 2, 3],
-    "depth": 4,
-    "hidden_act": "gelu_pytorch_tanh",
-    "hidden_size": 64,
-    "in_channels": 3,
-    "initializer_range": 0.02,
-    "intermediate_size": 128,
-    "model_type": "qwen3_vl",  # what the official files say (transformers renames it)
-    "num_heads": 4,
-    "num_position_embeddings": 2304,
-    "out_hidden_size": 64,  # = text hidden_size
-    "patch_size": 16,
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-}
-
-
 def tiny_config_dict(tied: bool) -> dict:
-    """The tiny ``config.json`` contents, in exactly the official files' layout.
+    """The tiny ``config.json`` contents, in exactly the official files' layout: model.py's one
+    tiny preset (``model.tiny_config()``), written out by ``load_qwen.hf_config``.
 
-    Returns a fresh deep copy: transformers edits the nested rope dict in place when it
-    builds a config from it.
+    Returns a fresh dict: transformers edits the nested rope dict in place when it builds a
+    config from it.
     """
-    return copy.deepcopy({
-        "architectures": ["Qwen3VLForConditionalGeneration"],
-        "image_token_id": IMAGE_PAD_ID,
-        "model_type": "qwen3_vl",
-        # As in the official files, the tie flag appears both here and in text_config.
-        "text_config": {**TINY_TEXT, "tie_word_embeddings": tied},
-        "tie_word_embeddings": tied,
-        "video_token_id": VIDEO_PAD_ID,
-        "vision_config": TINY_VISION,
-        "vision_end_token_id": VISION_END_ID,
-        "vision_start_token_id": VISION_START_ID,
-    })
+    import dataclasses
+
+    import load_qwen
+    from model import tiny_config
+
+    return load_qwen.hf_config(dataclasses.replace(tiny_config(), tie_word_embeddings=tied))
 
 
 def tiny_config(tied: bool):

@@ -70,7 +70,7 @@ def test_truncated_weights_file(tiny_untied, tmp_path):
     shutil.copy(tiny_untied / "config.json", tmp_path / "config.json")
     data = (tiny_untied / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=r"truncated at tensor (model|lm_head)\."):
+    with pytest.raises(ValueError, match=f"cannot read weights file {re.escape(str(tmp_path))}"):
         load_qwen.load_model(tmp_path)
 
 

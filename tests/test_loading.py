@@ -31,14 +31,14 @@ def test_official_sizes_match_the_reference_on_meta(size, total, vision, entries
     with torch.device("meta"):
         ref = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**copy.deepcopy(hf)))
         ours = Qwen3VL(load_qwen.config_from_hf(hf))
-    want = {load_qwen.our_name(name): t.shape for name, t in ref.state_dict().items()}
+    want = {load_qwen.rename(name, load_qwen.TO_OURS): t.shape for name, t in ref.state_dict().items()}
     C = want["visual.patch_embed.weight"][0]  # the Conv3d kernel (C, 3, 2, 16, 16) is our Linear (C, 1536)
     want["visual.patch_embed.weight"] = torch.Size([C, 3 * 2 * 16 * 16])
     tied = ref.lm_head.weight is ref.model.language_model.embed_tokens.weight
     if tied:  # filled once, as the embedding
         del want["lm_head.weight"]
-    # every checkpoint tensor has a place of its shape (q, k, v: blocks of one matrix), and no more
-    assert {name: t.shape for name, t in load_qwen.checkpoint_targets(ours).items()} == want
+    # every checkpoint tensor has a parameter of its shape, and there is no other parameter
+    assert {name: p.shape for name, p in ours.named_parameters()} == want
     assert len(ref.state_dict()) == entries
     assert tied == (ours.lm_head.weight is ours.embed_tokens.weight) == hf["tie_word_embeddings"]
     assert count(ours) == count(ref) == total
@@ -53,14 +53,12 @@ def one_photo_prompt(ref_processor, photos):
 
 
 def test_every_checkpoint_tensor_lands_in_its_place(tiny_untied):
-    """Value for value, including q_proj, k_proj and v_proj as the row blocks of one qkv_proj."""
+    """Value for value, under the checkpoint's own names (the Conv3d patch kernel flattened)."""
     ref, ours = fx.reference_model(tiny_untied), load_qwen.load_model(tiny_untied)
-    targets = load_qwen.checkpoint_targets(ours)
+    params = dict(ours.named_parameters())
     for name, tensor in ref.state_dict().items():
-        assert torch.equal(targets[load_qwen.our_name(name)].reshape(tensor.shape), tensor), name
-    attn = ref.model.language_model.layers[1].self_attn
-    qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-    assert torch.equal(ours.layers[1].self_attn.qkv_proj.weight, qkv)
+        ours_name = load_qwen.rename(name, load_qwen.TO_OURS)
+        assert torch.equal(params[ours_name].reshape(tensor.shape), tensor), name
 
 
 def test_tied_checkpoint_that_keeps_lm_head(tiny_tied, tmp_path, ref_processor, photos):
@@ -107,14 +105,25 @@ def test_bfloat16_is_as_close_to_float32_as_the_reference_in_bfloat16(tiny_tied,
     assert our_error <= 2 * reference_error
 
 
-# Runs in a fresh process: VmHWM is the process's peak resident memory so far.
+# Runs in a fresh process. The requirement is about anonymous memory (RssAnon): the pages of
+# the memory-mapped weights files are the page cache's, reclaimable, not a second copy. The
+# kernel keeps no peak of RssAnon, so a thread samples it every half millisecond.
 MEASURE = """
-import sys, torch, load_qwen
-def peak_mib():
-    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
-before = peak_mib()
+import sys, threading, time, torch, load_qwen
+def anon_mib():
+    return int(open("/proc/self/status").read().split("RssAnon:")[1].split()[0]) / 1024
+before, peak, done = anon_mib(), [0.0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon_mib())
+        time.sleep(0.0005)
+sampler = threading.Thread(target=sample)
+sampler.start()
 model = load_qwen.load_model(sys.argv[1], dtype=torch.bfloat16)
-print(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, peak_mib() - before)
+done.set()
+sampler.join()
+peak[0] = max(peak[0], anon_mib())
+print(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, peak[0] - before)
 """
 
 
@@ -133,7 +142,7 @@ def test_bf16_load_does_not_pass_through_float32(tmp_path):
     out = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, check=True)
     weights, growth = map(float, out.stdout.split())
-    print(f"bf16 load: {weights:.0f} MiB of weights, peak RSS grew {growth:.0f} MiB "
+    print(f"bf16 load: {weights:.0f} MiB of weights, peak RssAnon grew {growth:.0f} MiB "
           f"(ratio {growth / weights:.2f})")
     assert weights > 300
     assert growth <= 1.3 * weights

@@ -1,4 +1,5 @@
 """PVM (pvm.py): sizes, the identity at initialisation, masking, caching, the formula, and files."""
+import copy
 import json
 from pathlib import Path
 
@@ -33,9 +34,15 @@ def prompt(photo, text_ids):
 
 
 @pytest.fixture(scope="module")
-def pvm_model(tiny_untied):
+def pvm_base(tiny_untied):
     torch.manual_seed(0)
     return pvm.attach_pvm(load_qwen.load_model(tiny_untied), [1, 3], 64)
+
+
+@pytest.fixture
+def pvm_model(pvm_base):
+    """A copy per test: a test opens the gates, and a failing one must not leave them open."""
+    return copy.deepcopy(pvm_base)
 
 
 def test_identity_at_init_and_the_gate_gets_a_gradient(tiny_untied, pvm_model, photos):
@@ -143,7 +150,7 @@ def test_save_load_round_trip_and_refusals(tiny_untied, pvm_model, tmp_path):
     pvm.save_pvm(pvm_model, tmp_path / "pvm.safetensors")
     with torch.no_grad():
         pvm_model.layers[3].pvm_block.gate_alpha.zero_()
-    loaded = load_qwen.load_model(tiny_untied, pvm=tmp_path / "pvm.safetensors")
+    loaded = load_qwen.load_model(tiny_untied, pvm_file=tmp_path / "pvm.safetensors")
     assert loaded.config.pvm_layers == (1, 3) and loaded.config.pvm_dim == 64
     assert loaded.layers[3].pvm_block.gate_alpha.item() == 0.25
     for name, tensor in pvm.pvm_state_dict(loaded).items():
@@ -153,5 +160,5 @@ def test_save_load_round_trip_and_refusals(tiny_untied, pvm_model, tmp_path):
         other = pvm.attach_pvm(load_qwen.load_model(tiny_untied), layers, d)
         pvm.save_pvm(other, tmp_path / "other.safetensors")
         with pytest.raises(ValueError, match=message):
-            pvm.load_pvm(load_qwen.load_model(tiny_untied, pvm=tmp_path / "pvm.safetensors"),
+            pvm.load_pvm(load_qwen.load_model(tiny_untied, pvm_file=tmp_path / "pvm.safetensors"),
                          tmp_path / "other.safetensors")
