@@ -29,8 +29,8 @@ CHAT_ROLES = ("system", "user", "assistant")
 
 
 def llava_to_chat(record):
-    """{"image", "conversations"} -> {"images", "messages"}: each "<image>" in a turn's text
-    becomes an image part at its place."""
+    """{"image", "conversations"} -> {"images", "messages"}: "from" and "value" become "role" and
+    "content", and each "<image>" in a text an image part at its place."""
     turns = record["conversations"]
     if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
         raise ValueError('expected a list of turns under "conversations"')
@@ -65,7 +65,8 @@ def to_messages(record, root):
     turns, paths = record.get("messages"), record.get("images") or []
     paths = [paths] if isinstance(paths, str) else paths
     if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
-        raise ValueError('expected a list of turns under "conversations" (LLaVA) or "messages" (chat)')
+        raise ValueError('expected a list of turns under "messages" (chat) or "conversations" '
+                         "(LLaVA)")
     if not isinstance(paths, list) or not all(isinstance(path, str) for path in paths):
         raise ValueError("images must be a path or a list of paths")
     images, messages = iter(paths), []
@@ -84,9 +85,11 @@ def to_messages(record, root):
             parts.append(part)
         messages.append({"role": turn["role"], "content": parts})
     if rest := list(images):
-        user = next((m for m in messages if m["role"] == "user"), None)
-        if user is None or any(p["type"] == "image" for m in messages for p in m["content"]):
+        if any(part["type"] == "image" for m in messages for part in m["content"]):
             raise ValueError(f"{len(rest)} image(s) more than image placeholders")
+        user = next((m for m in messages if m["role"] == "user"), None)
+        if user is None:
+            raise ValueError("images but no user turn to show them in")
         user["content"][:0] = [{"type": "image", "image": str(Path(root, p))} for p in rest]
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("no assistant turn, so nothing to learn from")
@@ -195,15 +198,17 @@ def load_data(path, tokenizer, max_len, seed, eval_samples, synthetic_samples):
         samples = read_jsonl(path)
     else:
         rng = random.Random(seed)
-        samples = [(synthetic_sample(rng), f"built-in sample {i}") for i in range(synthetic_samples)]
+        samples = [(synthetic_sample(rng), f"built-in sample {i}")
+                   for i in range(synthetic_samples)]
     lengths = sample_lengths(samples, tokenizer)
     keep = [sample for sample, (n, k) in zip(samples, lengths) if n <= max_len and k > 0]
     too_long = sum(n > max_len for n, _ in lengths)
     no_image = sum(k == 0 for _, k in lengths)
     n_eval = min(eval_samples, len(keep) // 10)
     if len(keep) <= n_eval:
-        raise ValueError(f"no training samples in {path or 'the built-in task'}: {len(samples)} read, "
-                         f"{too_long} over --max-len {max_len} tokens, {no_image} without an image")
+        raise ValueError(f"no training samples in {path or 'the built-in task'}: {len(samples)} "
+                         f"read, {too_long} over --max-len {max_len} tokens, {no_image} without "
+                         "an image")
     order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed)).tolist()
     keep = [keep[i] for i in order]
     skipped = f"{too_long} over --max-len and {no_image} without an image skipped"

@@ -1,17 +1,17 @@
 """
 Train Persistent Visual Memory (pvm.py) on a frozen Qwen3-VL: the paper's first stage. Only the
 PVM blocks learn; the vision tower, the merger and the language model stay frozen; the loss is the
-mean over the global batch's assistant tokens (each reply's text and its <|im_end|>).
+mean over the batch's assistant tokens (each reply's text and its <|im_end|>).
 
     python train.py --size 4b --data train.jsonl --out out/pvm-4b
     torchrun --nproc_per_node=8 train.py --size 8b --data train.jsonl --out out/pvm-8b
     python train.py --size tiny           # small random model, built-in task: a minute on a CPU
 
---data is JSON lines in LLaVA or chat format (see data.py); without it, a built-in synthetic task.
-The output directory holds pvm.safetensors (the PVM weights under the reference names: what
-`generate.py --pvm` loads), state.pt (what --resume needs) and log.jsonl; --size tiny also writes
-its random backbone to backbone/, a checkpoint directory generate.py --model reads.
-Left out on purpose: the GRPO stage, packing several samples into one sequence, loader workers.
+--data: JSON lines, LLaVA or chat format (data.py); without it, a built-in synthetic task. --out
+gets pvm.safetensors (the PVM weights under the reference names: what `generate.py --pvm` loads),
+state.pt (what --resume needs), log.jsonl, and with --size tiny backbone/, the random backbone as
+a checkpoint directory (for `generate.py --model`). Left out on purpose: the GRPO stage, packing
+samples into one sequence, data loader workers.
 """
 import argparse
 import json
@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import load_data, tiny_tokenizer
-from load_qwen import encode_chat_with_spans, load_model, load_tokenizer, resolve_checkpoint
+from load_qwen import encode_chat_for_training, load_model, load_tokenizer, resolve_checkpoint
 from load_qwen import save_model
 from model import Qwen3VL, tiny_config
 from pvm import PRESETS, attach_pvm, pvm_state_dict, save_pvm
@@ -50,14 +50,13 @@ SIZES = {
 # -----------------------------------------------------------------------------
 # the model
 
-
 def tiny_model(seed):
-    """A small random Qwen3-VL (model.tiny_config), frozen as load_model's; a function of the seed."""
+    """A small random Qwen3-VL (model.tiny_config), a function of the seed, frozen."""
     torch.manual_seed(seed)
     model = Qwen3VL(tiny_config())
     for name, p in model.named_parameters():
         # N(0, 0.02) as the released models' initializer_range; the head larger, or the logits of a
-        # 64-wide normalised state would stay within about +-1 and no token could stand out of 151,936
+        # 64-wide normalised state would stay within about +-1: no token could stand out of 151,936
         if p.dim() == 2:
             nn.init.normal_(p, std=0.25 if name == "lm_head.weight" else 0.02)
     return model.eval().requires_grad_(False)
@@ -68,20 +67,12 @@ def build_model(args, checkpoint, device, dtype):
     same on every rank (seeded)."""
     size = SIZES[args.size]
     model = tiny_model(args.seed) if checkpoint is None else load_model(checkpoint, device, dtype)
-    model.to(device, dtype)
     torch.manual_seed(args.seed)
-    attach_pvm(model, size["pvm_layers"], size["pvm_dim"])
-    for i in size["pvm_layers"]:  # float32 master weights for AdamW; autocast runs their matmuls in bf16
+    attach_pvm(model.to(device, dtype), size["pvm_layers"], size["pvm_dim"])
+    for i in size["pvm_layers"]:  # float32 master weights for AdamW; autocast runs matmuls in bf16
         model.layers[i].pvm_block.float()
     model.gradient_checkpointing = size["grad_ckpt"] if args.grad_ckpt is None else args.grad_ckpt
     return model
-
-
-def save_backbone(model, tokenizer, directory):
-    """The tiny random backbone as a checkpoint directory in the official layout, so that
-    `generate.py --model DIR --pvm pvm.safetensors` runs what was trained."""
-    save_model(model, directory)
-    tokenizer.save(str(directory / "tokenizer.json"))
 
 
 class AssistantLoss(nn.Module):
@@ -103,7 +94,6 @@ class AssistantLoss(nn.Module):
 # -----------------------------------------------------------------------------
 # the loop
 
-
 def get_lr(step, total, args):
     """Linear warmup over the first warmup ratio of the steps, then cosine decay to zero."""
     warmup = max(1, round(args.warmup * total))
@@ -113,35 +103,30 @@ def get_lr(step, total, args):
 
 
 def encode(sample, tokenizer, device):
-    """(messages, where) -> input_ids (1, T), pixel_values (N, 1536), grid (images, 3), loss mask (1, T)."""
-    tensors = encode_chat_with_spans(tokenizer, sample[0], add_generation_prompt=False)
-    return tuple(t.to(device) for t in tensors)
-
-
-def loss_tokens(batch):
-    """Tokens the loss is taken on, of encoded samples: known before any forward pass."""
-    return sum(int(loss_mask[:, 1:].sum()) for *_, loss_mask in batch)
+    """(messages, where) -> input_ids (1, T), pixel_values (N, 1536), grid (images, 3), loss mask
+    (1, T)."""
+    return tuple(t.to(device) for t in encode_chat_for_training(tokenizer, sample[0]))
 
 
 @torch.no_grad()
 def evaluate(loss_model, samples, tokenizer, device, autocast, rank, world):
-    """Mean loss over the held-out samples' assistant tokens, each rank taking its share."""
+    """Mean loss over the held-out samples' reply tokens, each rank taking its share."""
     loss_model.eval()
     total = torch.zeros(2, device=device)  # loss sum, tokens
     for sample in samples[rank::world]:
-        batch = encode(sample, tokenizer, device)
+        input_ids, pixel_values, grid, loss_mask = encode(sample, tokenizer, device)
         with autocast:
-            total[0] += loss_model(*batch).float()
-        total[1] += loss_tokens([batch])
+            total[0] += loss_model(input_ids, pixel_values, grid, loss_mask).float()
+        total[1] += loss_mask[:, 1:].sum()
     if world > 1:
         dist.all_reduce(total)
     return (total[0] / total[1]).item()
 
 
 def save_checkpoint(out, model, optimizer, step, run):
-    """pvm.safetensors for generate.py, state.pt for --resume; each written to a temporary file and
-    renamed, so a crash never leaves half a file. No RNG state: nothing in the loop draws random
-    numbers, and the data position is the step, since the sample order is a function of the seed."""
+    """pvm.safetensors for generate.py, state.pt for --resume; each written to a temporary file
+    and renamed, so a crash never leaves half a file. No RNG state: nothing in the loop draws a
+    random number, and the data position is the step, the sample order a function of the seed."""
     save_pvm(model, out / "pvm.safetensors")
     state = {"step": step, "run": run, "optimizer": optimizer.state_dict(),
              "pvm": {k: v.detach().cpu() for k, v in pvm_state_dict(model).items()}}
@@ -150,7 +135,7 @@ def save_checkpoint(out, model, optimizer, step, run):
 
 
 def resume(out, model, optimizer, run):
-    """Load state.pt; it must come from this same configuration. Returns the step to continue at."""
+    """Load state.pt, which must come from this same configuration; the step to continue at."""
     path = out / "state.pt"
     if not path.exists():
         raise ValueError(f"--resume: no checkpoint {path}")
@@ -170,34 +155,35 @@ def resume(out, model, optimizer, run):
 
 
 def log(out, entry):
-    with open(out / "log.jsonl", "a") as f:  # a line at a time: a crash loses nothing already logged
+    with open(out / "log.jsonl", "a") as f:  # a line at a time: a crash loses nothing logged
         f.write(json.dumps(entry) + "\n")
 
 
 def main(args):
     rank, world, cuda, out = 0, 1, args.device.startswith("cuda"), Path(args.out)
     size = SIZES[args.size]
-    if ddp := "RANK" in os.environ:  # under torchrun: one process per GPU with nccl, or on CPUs with gloo
+    if ddp := "RANK" in os.environ:  # under torchrun: a process per GPU with nccl, on CPUs gloo
         dist.init_process_group("nccl" if cuda else "gloo")
         if cuda:
             args.device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(args.device)
         rank, world = dist.get_rank(), dist.get_world_size()
+    device = args.device
     if size["threads"] and not cuda:
         torch.set_num_threads(size["threads"])
     if (out / "state.pt").exists() and not args.resume:
-        raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it, or another --out")
+        raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it, "
+                         "or another --out")
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} does not split over {world} processes")
     if args.model and size["checkpoint"] is None:
-        raise ValueError(f"--model does not go with --size {args.size}, which builds its own random model")
+        raise ValueError(f"--model does not go with --size {args.size}, a random model built here")
     accum = args.batch_size // world  # samples per rank and step, one at a time: no padding
-    checkpoint = resolve_checkpoint(args.model or size["checkpoint"]) if size["checkpoint"] else None
-    tokenizer = tiny_tokenizer() if checkpoint is None else load_tokenizer(checkpoint)
-    # bad data fails here, before the model loads
-    held_out, train, skipped = load_data(args.data, tokenizer, args.max_len, args.seed,
-                                         args.eval_samples, args.synthetic_samples)
-    model = build_model(args, checkpoint, args.device, torch.bfloat16 if cuda else torch.float32)
+    checkpoint = size["checkpoint"] and resolve_checkpoint(args.model or size["checkpoint"])
+    tokenizer = load_tokenizer(checkpoint) if checkpoint else tiny_tokenizer()
+    held_out, train, skipped = load_data(args.data, tokenizer, args.max_len, args.seed,  # bad data
+                                         args.eval_samples, args.synthetic_samples)  # fails here
+    model = build_model(args, checkpoint, device, torch.bfloat16 if cuda else torch.float32)
     total = args.max_steps or math.ceil(len(train) / args.batch_size)  # one epoch
     run = {k: getattr(args, k) for k in ("size", "model", "data", "synthetic_samples", "seed",
                                          "batch_size", "lr", "warmup", "weight_decay", "max_len")}
@@ -209,22 +195,23 @@ def main(args):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start = resume(out, model, optimizer, run) if args.resume else 0
     loss_model = AssistantLoss(model)
-    device_ids = [torch.device(args.device).index] if cuda else None
+    device_ids = [torch.device(device).index] if cuda else None
     wrapped = DDP(loss_model, device_ids=device_ids) if ddp else loss_model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    gates = [model.layers[i].pvm_block.gate_alpha for i in model.config.pvm_layers]
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        # the tiny random backbone, for generate.py --model; on --resume the one there is this
+        # run's already (resume checked the seed and size, which fix it)
         if checkpoint is None and not (args.resume and (out / "backbone").is_dir()):
-            # on --resume the one there is this run's: the seed and size, which fix it, were checked
-            save_backbone(model, tokenizer, out / "backbone")
-        print(f"{len(train)} training and {len(held_out)} held-out samples, {skipped}; {total} steps "
-              f"of {args.batch_size}; {sum(p.numel() for p in params):,} trainable parameters",
-              file=sys.stderr)
+            save_model(model, out / "backbone")  # PVM is not part of it
+            tokenizer.save(str(out / "backbone" / "tokenizer.json"))
+        print(f"{len(train)} training and {len(held_out)} held-out samples, {skipped}; {total} "
+              f"steps of {args.batch_size}; {sum(p.numel() for p in params):,} trainable "
+              "parameters", file=sys.stderr)
     with tqdm(total=total, initial=start, disable=rank != 0) as bar:  # closed on an error too
         for step in range(start, total + 1):
             if args.eval_every and held_out and (step % args.eval_every == 0 or step == total):
-                eval_loss = evaluate(loss_model, held_out, tokenizer, args.device, autocast, rank, world)
+                eval_loss = evaluate(loss_model, held_out, tokenizer, device, autocast, rank, world)
                 if rank == 0:
                     log(out, {"step": step, "eval_loss": eval_loss})
                     bar.write(f"step {step}: held-out loss {eval_loss:.4f}", file=sys.stderr)
@@ -235,25 +222,25 @@ def main(args):
                 group["lr"] = lr
             t0 = time.perf_counter()
             wrapped.train()  # there is no dropout: this only lets gradient checkpointing act
-            # step s takes samples s*batch .. (s+1)*batch - 1 of the shuffled order (wrapping around);
-            # encoded on the CPU first, so that the loss tokens of the whole batch are counted up front
-            picks = [(step * args.batch_size + micro * world + rank) % len(train) for micro in range(accum)]
-            batch = [encode(train[i], tokenizer, "cpu") for i in picks]
-            count = torch.tensor(float(loss_tokens(batch)), device=args.device)
+            # step s takes samples s*batch .. (s+1)*batch - 1 of the shuffled order (wrapping),
+            # encoded on the CPU first: their loss masks count the tokens of the loss beforehand
+            first = step * args.batch_size + rank
+            batch = [encode(train[(first + micro * world) % len(train)], tokenizer, "cpu")
+                     for micro in range(accum)]
+            count = sum(loss_mask[:, 1:].sum() for *_, loss_mask in batch).float().to(device)
             if ddp:
-                dist.all_reduce(count)
-            # the loss is the mean over all the batch's assistant tokens, as TRL's SFTTrainer takes it
-            # (average_tokens_across_devices): each sample adds its summed token losses / count. DDP
-            # averages the gradients of the ranks; times world, they add up instead
-            scale = world / count
-            stats = torch.zeros(2, device=args.device)  # loss sum, tokens
+                dist.all_reduce(count)  # the whole batch's, over all ranks
+            # the loss is the mean over all the batch's reply tokens, as TRL's SFTTrainer takes it
+            # (average_tokens_across_devices), not a mean of per-sample means: each sample adds its
+            # summed token losses / count, times world since DDP averages the ranks' gradients
+            stats = torch.zeros(2, device=device)  # loss sum, tokens
             for micro, tensors in enumerate(batch):
-                input_ids, pixel_values, grid, loss_mask = (t.to(args.device) for t in tensors)
+                input_ids, pixel_values, grid, loss_mask = (t.to(device) for t in tensors)
                 if ddp:  # all-reduce the gradients at the last micro-step only
                     wrapped.require_backward_grad_sync = micro == accum - 1
                 with autocast:
                     loss_sum = wrapped(input_ids, pixel_values, grid, loss_mask)
-                (loss_sum * scale).backward()
+                (loss_sum * world / count).backward()
                 stats[0] += loss_sum.detach().float()
                 stats[1] += input_ids.numel()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -262,15 +249,16 @@ def main(args):
             if ddp:
                 dist.all_reduce(stats)
             if rank == 0:
+                seconds = time.perf_counter() - t0
+                gates = [model.layers[i].pvm_block.gate_alpha.item() for i in size["pvm_layers"]]
                 entry = {"step": step + 1, "loss": (stats[0] / count).item(), "lr": lr,
-                         "grad_norm": grad_norm.item(),
-                         "tokens_per_s": stats[1].item() / (time.perf_counter() - t0),
-                         "gates": [g.item() for g in gates]}
+                         "grad_norm": grad_norm.item(), "tokens_per_s": stats[1].item() / seconds,
+                         "gates": gates}
                 log(out, entry)
                 bar.update()
                 bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{lr:.1e}",
                                 tok_s=f"{entry['tokens_per_s']:.0f}",
-                                gates=",".join(f"{g:.3f}" for g in entry["gates"]))
+                                gates=",".join(f"{g:.3f}" for g in gates))
                 if (step + 1) % args.save_every == 0 or step + 1 == total:
                     save_checkpoint(out, model, optimizer, step + 1, run)
     if ddp:
@@ -279,41 +267,39 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train PVM blocks on a frozen Qwen3-VL (the paper's SFT stage).")
+    p = argparse.ArgumentParser(description="Train PVM on a frozen Qwen3-VL (the paper's SFT).")
     p.add_argument("--size", choices=SIZES, default="4b",
-                   help="PVM layers and default checkpoint; tiny: a random model, written to --out/backbone")
-    p.add_argument("--model", help="checkpoint directory or hub id (default: the official one of --size)")
-    p.add_argument("--data", help="JSON-lines file, LLaVA or chat format (default: the built-in synthetic task)")
+                   help="PVM layers and default checkpoint; tiny: a random model, kept in --out")
+    p.add_argument("--model", help="checkpoint directory or hub id (default: --size's official)")
+    p.add_argument("--data", help="JSON-lines file, LLaVA or chat format (default: built-in task)")
     p.add_argument("--synthetic-samples", type=int, default=2000, help="size of the built-in task")
-    p.add_argument("--out", default="out", help="directory for pvm.safetensors, state.pt and log.jsonl")
-    p.add_argument("--resume", action="store_true", help="continue from --out/state.pt where it stopped")
+    p.add_argument("--out", default="out", help="directory for pvm.safetensors, state.pt, log")
+    p.add_argument("--resume", action="store_true", help="continue from --out/state.pt")
     p.add_argument("--batch-size", type=int,
                    help="global batch, processes x accumulation steps (default 64; tiny 8)")
     p.add_argument("--lr", type=float, help="peak learning rate of AdamW (default 1e-4; tiny 1e-2)")
     p.add_argument("--warmup", type=float, default=0.1, help="warmup ratio of the cosine schedule")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="largest norm of the step's gradient")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="largest norm of a step's gradient")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: one epoch)")
-    p.add_argument("--max-len", type=int, default=4096,
-                   help="longer samples (text + image tokens) are skipped")
-    p.add_argument("--eval-every", type=int, default=100,
-                   help="steps between held-out evaluations; 0: none")
+    p.add_argument("--max-len", type=int, default=4096, help="longer samples (tokens) are skipped")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations; 0: none")
     p.add_argument("--eval-samples", type=int, default=64,
-                   help="held-out samples, at most a tenth of the data, kept out even without evaluations")
-    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (and one at the end)")
+                   help="held-out samples, at most a tenth of the data (also with --eval-every 0)")
+    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
     p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction,
                    help="gradient checkpointing (default: on but for tiny)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="fixes the PVM initialisation, the sample order and the built-in task")
+    p.add_argument("--seed", type=int, default=0, help="for PVM's init, data order, built-in task")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda (default where there is one) or cpu")
+                   help="cuda (the default where there is one) or cpu")
     args = p.parse_args(argv)
-    args.lr = SIZES[args.size]["lr"] if args.lr is None else args.lr
-    args.batch_size = SIZES[args.size]["batch_size"] if args.batch_size is None else args.batch_size
-    if min(args.batch_size, args.save_every, args.max_len, args.max_steps or 1) < 1:
-        p.error("--batch-size, --save-every, --max-len and --max-steps must be positive")
+    for name in ("batch_size", "save_every", "max_len", "max_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive")
     if args.eval_every < 0:
         p.error("--eval-every must not be negative")
+    args.lr = SIZES[args.size]["lr"] if args.lr is None else args.lr
+    args.batch_size = SIZES[args.size]["batch_size"] if args.batch_size is None else args.batch_size
     return args
 
 

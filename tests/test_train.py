@@ -87,7 +87,8 @@ def test_loss_mask_is_exactly_the_replies_in_both_formats(tmp_path):
     tokenizer = data.tiny_tokenizer()
     pads = "<|image_pad|>" * 64  # 64x64 is resized to 256x256: 8x8 merged tokens
     prompt = (f"<|im_start|>user\n<|vision_start|>{pads}<|vision_end|>What is it?<|im_end|>\n"
-              "<|im_start|>assistant\n\n<|im_start|>user\nColour?<|im_end|>\n<|im_start|>assistant\n\n")
+              "<|im_start|>assistant\n\n<|im_start|>user\nColour?<|im_end|>\n"
+              "<|im_start|>assistant\n\n")
     for sample in data.read_jsonl(tmp_path / "data.jsonl"):
         input_ids, _, _, mask = train.encode(sample, tokenizer, "cpu")
         decode = lambda ids: tokenizer.decode(ids.tolist(), skip_special_tokens=False)
@@ -95,12 +96,40 @@ def test_loss_mask_is_exactly_the_replies_in_both_formats(tmp_path):
         assert decode(input_ids[~mask]) == prompt
 
 
+def test_a_llava_record_becomes_a_chat_record():
+    record = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                  {"from": "gpt", "value": "A cat."}]}
+    user = [{"type": "image"}, {"type": "text", "text": "\nWhat?"}]
+    assistant = [{"type": "text", "text": "A cat."}]
+    assert data.llava_to_chat(record) == {"images": "a.png", "messages": [
+        {"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+def test_data_errors_name_file_and_line(tmp_path):
+    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+             {"role": "assistant", "content": "Red."}]
+    cases = {  # the message -> a record that gives it
+        "message content must be a string or a list of parts": {
+            "images": ["a.png"], "messages": [{"role": "user", "content": 5}]},
+        "unknown role 'robot'": {"images": ["a.png"], "messages": [{"role": "robot", "content": "?"}]},
+        "more image placeholders than images": {"messages": turns},
+        "1 image(s) more than image placeholders": {"images": ["a.png", "b.png"], "messages": turns},
+        'expected a list of turns under "conversations"': {"image": "a.png", "conversations": "?"},
+        "images must be a path or a list of paths": {"images": [3], "messages": turns},
+    }
+    for message, record in cases.items():
+        (tmp_path / "d.jsonl").write_text("\n" + json.dumps(record) + "\n")  # line 1 is empty
+        with pytest.raises(ValueError) as error:
+            data.read_jsonl(tmp_path / "d.jsonl")
+        assert str(error.value) == f"{tmp_path / 'd.jsonl'}:2: {message}"
+
+
 def test_an_accumulated_step_takes_the_mean_over_all_reply_tokens(tmp_path, monkeypatch):
     """As TRL's SFTTrainer: the batch's loss is the mean over all its reply tokens, not the mean
     of per-sample means; the gradient of two accumulated samples is that of this one mean."""
     path = write_replies(tmp_path, 2)
     args = train.parse_args(["--size", "tiny", "--data", str(path), "--batch-size", "2",
-                             "--max-steps", "1", "--eval-every", "0", "--out", str(tmp_path / "out")])
+                             "--max-steps", "1", "--eval-every", "0", "--out", str(tmp_path)])
     open_gates(monkeypatch)
     grads = []  # what the step is given, before clipping
     clip = torch.nn.utils.clip_grad_norm_
@@ -121,7 +150,7 @@ def test_an_accumulated_step_takes_the_mean_over_all_reply_tokens(tmp_path, monk
     expected = [p.grad for p in model.parameters() if p.requires_grad]
     assert len(grads[0]) == len(expected)
     assert all(torch.allclose(g, e, rtol=1e-5, atol=1e-9) for g, e in zip(grads[0], expected))
-    logged = json.loads((tmp_path / "out" / "log.jsonl").read_text().splitlines()[0])
+    logged = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
     assert logged["loss"] == pytest.approx(torch.cat(losses).mean().item(), rel=1e-6)
 
 
@@ -132,7 +161,8 @@ def test_the_held_out_split_does_not_depend_on_eval_every(tmp_path):
         state = torch.load(tmp_path / every / "state.pt", weights_only=True)
         runs[every] = state["run"], load_file(tmp_path / every / "pvm.safetensors")
     (run_a, pvm_a), (run_b, pvm_b) = runs.values()
-    assert run_a["held_out"] == run_b["held_out"] == 4 and run_a["train"] == run_b["train"] == 36
+    assert run_a["held_out"] == run_b["held_out"] == 4
+    assert run_a["train"] == run_b["train"] == 36
     assert all(torch.equal(pvm_a[k], pvm_b[k]) for k in pvm_a)  # the same step on the same samples
 
 
@@ -164,9 +194,11 @@ def test_resume_after_a_crash_gives_the_same_weights(tmp_path, monkeypatch):
         train.main(tiny_args(tmp_path / "resumed", "--max-steps", "10", "--save-every", "5"))
     monkeypatch.setattr(train, "get_lr", get_lr)
     torch.manual_seed(1234)  # another global RNG state than the first run's
-    train.main(tiny_args(tmp_path / "resumed", "--max-steps", "10", "--save-every", "5", "--resume"))
+    train.main(tiny_args(tmp_path / "resumed", "--max-steps", "10", "--save-every", "5",
+                         "--resume"))
     a, b = (load_file(tmp_path / run / "pvm.safetensors") for run in ("straight", "resumed"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +218,8 @@ def test_nothing_below_the_first_pvm_layer_is_in_the_graph(tiny):
     model, batch = tiny
     outputs = {}
     modules = [("visual", model.visual), *enumerate(model.layers)]
-    hooks = [module.register_forward_hook(lambda m, args, out, name=name: outputs.__setitem__(name, out))
-             for name, module in modules]
+    hooks = [module.register_forward_hook(
+        lambda m, args, out, name=name: outputs.__setitem__(name, out)) for name, module in modules]
     train.AssistantLoss(model.train())(*batch).backward()
     image_embeds, deepstack = outputs["visual"]
     assert not image_embeds.requires_grad and not any(d.requires_grad for d in deepstack)
@@ -212,11 +244,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
         model.zero_grad(set_to_none=True)
     model.gradient_checkpointing = False
     (loss_a, a), (loss_b, b) = grads
-    assert loss_a == loss_b and a.keys() == b.keys()
+    assert loss_a == loss_b
+    assert a.keys() == b.keys()
     assert all(torch.allclose(a[n], b[n], atol=1e-7) for n in a)
 
 
-def test_an_official_layout_checkpoint_trains_and_its_pvm_file_loads(tiny_tied, tmp_path, monkeypatch):
+def test_an_official_layout_checkpoint_trains_and_its_pvm_file_loads(tiny_tied, tmp_path,
+                                                                     monkeypatch):
     # the 4b path on a 4-layer model
     small = {"checkpoint": str(tiny_tied), "pvm_layers": (1, 3), "pvm_dim": 64}
     monkeypatch.setitem(train.SIZES, "4b", train.SIZES["4b"] | small)
@@ -225,7 +259,7 @@ def test_an_official_layout_checkpoint_trains_and_its_pvm_file_loads(tiny_tied, 
     assert args.lr == 1e-4 and args.batch_size == 2
     model = train.main(args)
     assert model.gradient_checkpointing  # on by default for the released sizes
-    loaded = load_qwen.load_model(tiny_tied, pvm=tmp_path / "pvm.safetensors")
+    loaded = load_qwen.load_model(tiny_tied, pvm_file=tmp_path / "pvm.safetensors")
     trained = train.pvm_state_dict(model)
     assert all(torch.equal(t, trained[name]) for name, t in train.pvm_state_dict(loaded).items())
     assert trained["model.language_model.layers.1.pvm_block.gate_alpha"].item() != 0
@@ -236,7 +270,7 @@ def test_the_tiny_run_writes_a_backbone_that_generate_reads(tmp_path):
     out = tmp_path / "out"
     model = train.main(tiny_args(out, "--max-steps", "2"))
     assert model.layers[1].pvm_block.gate_alpha.item() != 0
-    loaded = load_qwen.load_model(out / "backbone", pvm=out / "pvm.safetensors")
+    loaded = load_qwen.load_model(out / "backbone", pvm_file=out / "pvm.safetensors")
     sample = data.synthetic_sample(random.Random(7))
     batch = train.encode((sample, "test"), data.tiny_tokenizer(), "cpu")[:3]
     with torch.no_grad():

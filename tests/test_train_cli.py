@@ -1,4 +1,4 @@
-"""train.py as a command: two gloo processes against one, and bad input -> one line, exit status 2."""
+"""train.py as a command: two gloo processes against one; bad input -> one line, exit status 2."""
 import json
 import os
 import subprocess
@@ -45,36 +45,45 @@ def test_two_gloo_processes_equal_one_with_accumulation(tmp_path):
 
 
 def test_bad_input_gives_one_line_and_exit_status_2(tmp_path):
-    good = {"image": "ok.png", "conversations": [{"from": "human", "value": "<image>Colour?"}, {"from": "gpt", "value": "Red."}]}
+    good = {"image": "ok.png", "conversations": [{"from": "human", "value": "<image>Colour?"},
+                                                 {"from": "gpt", "value": "Red."}]}
     Image.new("RGB", (64, 64), "red").save(tmp_path / "ok.png")
     (tmp_path / "garbage.png").write_bytes(b"not an image at all")
     (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:60])
     line = json.dumps(good)
+    no_reply = json.dumps({"image": "ok.png", "conversations": good["conversations"][:1]})
     cases = {  # data file lines -> the message
         "malformed": ([line, "{not json"], "malformed.jsonl:2: not valid JSON"),
-        "missing": ([line.replace("ok.png", "gone.png")], f"image not found: {tmp_path / 'gone.png'}"),
-        "unreadable": ([line.replace("ok.png", "garbage.png")], f"cannot read image {tmp_path / 'garbage.png'}"),
-        "truncated": ([line.replace("ok.png", "cut.png")], f"cannot read image {tmp_path / 'cut.png'}"),
-        "no_reply": ([json.dumps({"image": "ok.png", "conversations": good["conversations"][:1]})],
-                     "no_reply.jsonl:1: no assistant turn"),
+        "missing": ([line.replace("ok.png", "gone.png")],
+                    f"image not found: {tmp_path / 'gone.png'}"),
+        "unreadable": ([line.replace("ok.png", "garbage.png")],
+                       f"cannot read image {tmp_path / 'garbage.png'}"),
+        "truncated": ([line.replace("ok.png", "cut.png")],
+                      f"cannot read image {tmp_path / 'cut.png'}"),
+        "no_reply": ([no_reply], "no_reply.jsonl:1: no assistant turn"),
         "empty": ([], "no training samples in"),
     }
     runs = {}
     for name, (lines, _) in cases.items():
         (tmp_path / f"{name}.jsonl").write_text("".join(f"{x}\n" for x in lines))
-        runs[name] = ["--data", str(tmp_path / f"{name}.jsonl"), "--out", str(tmp_path / f"out_{name}")]
+        runs[name] = ["--data", str(tmp_path / f"{name}.jsonl"),
+                      "--out", str(tmp_path / f"out_{name}")]
     # a checkpoint of another configuration, and a fresh run that would overwrite it
     train.main(tiny_args(tmp_path / "done", "--max-steps", "1"))
     before = files(tmp_path / "done")
-    runs["resume"] = ["--synthetic-samples", "40", "--lr", "0.5", "--resume", "--out", str(tmp_path / "done")]
-    runs["overwrite"] = ["--synthetic-samples", "40", "--out", str(tmp_path / "done")]
+    done = ["--synthetic-samples", "40", "--out", str(tmp_path / "done")]
+    runs["resume"] = [*done, "--lr", "0.5", "--resume"]
+    runs["overwrite"] = done
     cases["resume"] = ([], "comes from another configuration")
     cases["overwrite"] = ([], "already holds a checkpoint")
-    processes = {name: subprocess.Popen([sys.executable, "train.py", "--size", "tiny", "--batch-size", "2", *argv],
-                                        cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "train.py", "--size", "tiny", "--batch-size", "2"]
+    processes = {name: subprocess.Popen([*command, *argv], cwd=REPO, env=ENV, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                  for name, argv in runs.items()}
     for name, process in processes.items():
         _, stderr = process.communicate(timeout=120)
         last = stderr.strip().splitlines()[-1]
-        assert process.returncode == 2 and last.startswith("error: ") and cases[name][1] in last, (name, stderr)
+        assert process.returncode == 2, (name, stderr)
+        assert last.startswith("error: "), (name, stderr)
+        assert cases[name][1] in last, (name, stderr)
     assert files(tmp_path / "done") == before
