@@ -1,0 +1,215 @@
+"""
+What train.py learns from: JSON-lines files in either of two formats, a built-in synthetic task,
+and a byte-level tokenizer for the tiny random model (no download).
+
+One JSON object a line, image paths relative to the file:
+    LLaVA: {"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"},
+                                                {"from": "gpt", "value": "A cat."}]}
+    chat:  {"images": ["a.jpg"], "messages": [{"role": "user", "content": [{"type": "image"},
+            {"type": "text", "text": "What is it?"}]}, {"role": "assistant", "content": "A cat."}]}
+A LLaVA record is first rewritten as a chat record (llava_to_chat); one reader (to_messages) turns
+chat records into the messages load_qwen.chat_text reads. Every error names file and line.
+"""
+import json
+import random
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, decoders
+from tokenizers.models import BPE
+from tokenizers.pre_tokenizers import ByteLevel
+
+from load_qwen import chat_text, content_parts
+from vision import MERGE, PATCH, smart_resize
+
+LLAVA_ROLES = {"human": "user", "gpt": "assistant"}  # any other role ("system") keeps its name
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def llava_to_chat(record):
+    """{"image", "conversations"} -> {"images", "messages"}: "from" and "value" become "role" and
+    "content", and each "<image>" in a text an image part at its place."""
+    turns = record["conversations"]
+    if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
+        raise ValueError('expected a list of turns under "conversations"')
+    messages = []
+    for turn in turns:
+        role = LLAVA_ROLES.get(turn.get("from"), turn.get("from"))
+        messages.append({"role": role, "content": llava_content(turn.get("value"))})
+    return {"images": record.get("image"), "messages": messages}
+
+
+def llava_content(value):
+    """A LLaVA text with "<image>" placeholders -> chat content parts."""
+    if not isinstance(value, str):
+        return value  # content_parts says what is wrong with it
+    parts = []
+    for k, text in enumerate(value.split("<image>")):
+        if k > 0:  # a placeholder stood before this piece
+            parts.append({"type": "image"})
+        if text:
+            parts.append({"type": "text", "text": text})
+    return parts
+
+
+def to_messages(record, root):
+    """A record of either format -> messages for chat_text. An image part without a path of its
+    own takes the record's next image; if the record has no image part at all, its images go in
+    front of the first user turn. Paths are relative to `root`, the data file's directory."""
+    if not isinstance(record, dict):
+        raise ValueError("expected a JSON object")
+    if "conversations" in record:
+        record = llava_to_chat(record)
+    turns, paths = record.get("messages"), record.get("images") or []
+    paths = [paths] if isinstance(paths, str) else paths
+    if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
+        raise ValueError('expected a list of turns under "messages" (chat) or "conversations" '
+                         "(LLaVA)")
+    if not isinstance(paths, list) or not all(isinstance(path, str) for path in paths):
+        raise ValueError("images must be a path or a list of paths")
+    images, messages = iter(paths), []
+    for turn in turns:
+        if turn.get("role") not in CHAT_ROLES:
+            raise ValueError(f"unknown role {turn.get('role')!r}")
+        parts = []
+        for part in content_parts(turn.get("content")):
+            if part["type"] == "image":
+                path = part["image"] if part["image"] is not None else next(images, None)
+                if path is None:
+                    raise ValueError("more image placeholders than images")
+                if not isinstance(path, str):
+                    raise ValueError(f"an image path must be a string, not {path!r}")
+                part = {"type": "image", "image": str(Path(root, path))}  # absolute stays as it is
+            parts.append(part)
+        messages.append({"role": turn["role"], "content": parts})
+    if rest := list(images):
+        if any(part["type"] == "image" for m in messages for part in m["content"]):
+            raise ValueError(f"{len(rest)} image(s) more than image placeholders")
+        user = next((m for m in messages if m["role"] == "user"), None)
+        if user is None:
+            raise ValueError("images but no user turn to show them in")
+        user["content"][:0] = [{"type": "image", "image": str(Path(root, p))} for p in rest]
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("no assistant turn, so nothing to learn from")
+    return messages
+
+
+def read_jsonl(path):
+    """[(messages, "file:line")] of a JSON-lines file."""
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                samples.append((to_messages(json.loads(line), Path(path).parent), where))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+    return samples
+
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (50, 80, 230),
+          "yellow": (240, 210, 40), "white": (250, 250, 250), "black": (20, 20, 20)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def synthetic_sample(rng):
+    """The built-in task: one coloured shape at a random place and size on a grey 64x64 canvas,
+    and a lettered multiple-choice question on its colour or its kind. The options keep one
+    order, so the text alone says nothing about the answer: it can only be read from the image."""
+    color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+    image = Image.new("RGB", (64, 64), (rng.randint(100, 160),) * 3)
+    s = rng.randint(20, 40)
+    x, y = rng.randint(0, 64 - s), rng.randint(0, 64 - s)
+    draw = ImageDraw.Draw(image)
+    if shape == "triangle":
+        draw.polygon([(x + s / 2, y), (x, y + s), (x + s, y + s)], fill=COLORS[color])
+    elif shape == "circle":
+        draw.ellipse((x, y, x + s, y + s), fill=COLORS[color])
+    else:
+        draw.rectangle((x, y, x + s, y + s), fill=COLORS[color])
+    if rng.random() < 0.5:
+        question, options, answer = "What colour is the shape?", list(COLORS), color
+    else:
+        question, options, answer = "Which shape is drawn?", list(SHAPES), shape
+    letters = "ABCDEF"[:len(options)]
+    choices = " ".join(f"{letter}. {option}" for letter, option in zip(letters, options))
+    text = f"{question} {choices}. Answer with the letter."
+    user = [{"type": "image", "image": image}, {"type": "text", "text": text}]
+    return [{"role": "user", "content": user},
+            {"role": "assistant", "content": letters[options.index(answer)]}]
+
+
+SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
+                  "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|image_pad|>": 151655}
+
+
+def tiny_tokenizer():
+    """Bytes as tokens (no merges) plus the Qwen special tokens at their official ids."""
+    vocab = {char: i for i, char in enumerate(sorted(ByteLevel.alphabet()))} | SPECIAL_TOKENS
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    return tokenizer
+
+
+def image_tokens(image, where):
+    """Visual tokens an image will give, from its size alone (a path: only the header is read)."""
+    try:
+        with nullcontext(image) if isinstance(image, Image.Image) else Image.open(image) as f:
+            height, width = smart_resize(f.height, f.width)
+    except FileNotFoundError:
+        raise ValueError(f"image not found: {image} ({where})") from None
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read image {image} ({where}): {e}") from None
+    return height * width // (PATCH * MERGE) ** 2
+
+
+def sample_lengths(samples, tokenizer):
+    """(tokens, images) of each sample without decoding an image: the text is tokenised with one
+    <|image_pad|> per image, then each image adds the visual tokens its size gives."""
+    lengths = []
+    for start in range(0, len(samples), 1024):  # batches: the tokenizer runs them in parallel
+        batch = samples[start:start + 1024]
+        texts, images = [], []
+        for messages, _ in batch:
+            text, sample_images, _ = chat_text(messages, add_generation_prompt=False)
+            texts.append(text)
+            images.append(sample_images)
+        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+        for encoding, sample_images, (_, where) in zip(encodings, images, batch):
+            visual = sum(image_tokens(image, where) - 1 for image in sample_images)
+            lengths.append((len(encoding.ids) + visual, len(sample_images)))
+    return lengths
+
+
+def load_data(path, tokenizer, max_len, seed, eval_samples, synthetic_samples):
+    """The samples that fit, shuffled by the seed: (held-out, train, what was skipped). `path`
+    None: the built-in task. Samples over max_len tokens are skipped, never cut (a cut could fall
+    inside an image); so are samples without an image, which PVM cannot learn from (it adds
+    exactly zero there). Both are counted. The held-out share depends on eval_samples alone."""
+    if path:
+        samples = read_jsonl(path)
+    else:
+        rng = random.Random(seed)
+        samples = [(synthetic_sample(rng), f"built-in sample {i}")
+                   for i in range(synthetic_samples)]
+    lengths = sample_lengths(samples, tokenizer)
+    keep = [sample for sample, (n, k) in zip(samples, lengths) if n <= max_len and k > 0]
+    too_long = sum(n > max_len for n, _ in lengths)
+    no_image = sum(k == 0 for _, k in lengths)
+    n_eval = min(eval_samples, len(keep) // 10)
+    if len(keep) <= n_eval:
+        raise ValueError(f"no training samples in {path or 'the built-in task'}: {len(samples)} "
+                         f"read, {too_long} over --max-len {max_len} tokens, {no_image} without "
+                         "an image")
+    order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed)).tolist()
+    keep = [keep[i] for i in order]
+    skipped = f"{too_long} over --max-len and {no_image} without an image skipped"
+    return keep[:n_eval], keep[n_eval:], skipped
