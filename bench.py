@@ -158,6 +158,7 @@ def bench_train(size, args, grad_ckpt):
     a 512x512 image (256 of them) and text, half of it the reply. PVM at the 4B's relative depth and
     width (5, 11, 17 of 36 layers, 512 of 2560 wide), scaled to the model; gates opened to 0.1 as
     after some training."""
+    import data
     import train
     from model import Qwen3VL
     from pvm import PRESETS, attach_pvm
@@ -175,7 +176,7 @@ def bench_train(size, args, grad_ckpt):
         model.layers[i].pvm_block.float()  # float32 master weights, as train.py keeps them
         model.layers[i].pvm_block.gate_alpha.data.fill_(0.1)
     model.gradient_checkpointing = grad_ckpt
-    image, tokenizer = Image.new("RGB", (512, 512), (120, 30, 200)), train.tiny_tokenizer()
+    image, tokenizer = Image.new("RGB", (512, 512), (120, 30, 200)), data.tiny_tokenizer()
 
     def sample(n_user, n_reply):  # byte tokens: one per character
         user = [{"type": "image", "image": image}, {"type": "text", "text": "x" * n_user}]
