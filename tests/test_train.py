@@ -111,9 +111,10 @@ def test_data_errors_name_file_and_line(tmp_path):
     cases = {  # the message -> a record that gives it
         "message content must be a string or a list of parts": {
             "images": ["a.png"], "messages": [{"role": "user", "content": 5}]},
-        "unknown role 'robot'": {"images": ["a.png"], "messages": [{"role": "robot", "content": "?"}]},
+        "unknown role 'robot'": {"images": ["a.png"],
+                                 "messages": [{"role": "robot", "content": "?"}]},
         "more image placeholders than images": {"messages": turns},
-        "1 image(s) more than image placeholders": {"images": ["a.png", "b.png"], "messages": turns},
+        "1 image(s) more than image placeholders": {"images": ["a", "b"], "messages": turns},
         'expected a list of turns under "conversations"': {"image": "a.png", "conversations": "?"},
         "images must be a path or a list of paths": {"images": [3], "messages": turns},
     }
