@@ -2,6 +2,7 @@
 weighting, the held-out split, learning, resuming after a crash, what autograd records, gradient
 checkpointing, an official-layout checkpoint, the tiny run's backbone read by generate.py.
 The command line (torchrun, bad input) is in test_train_cli.py."""
+import copy
 import hashlib
 import json
 import random
@@ -203,7 +204,7 @@ def test_resume_after_a_crash_gives_the_same_weights(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_base(tmp_path_factory):
     """The tiny model with its gates opened (as after some training), and one built-in sample."""
     args = tiny_args(tmp_path_factory.mktemp("tiny"))
     model, tokenizer = train.build_model(args, None, "cpu", torch.float32), data.tiny_tokenizer()
@@ -213,6 +214,13 @@ def tiny(tmp_path_factory):
     held_out, samples, _ = data.load_data(None, tokenizer, args.max_len, args.seed,
                                           args.eval_samples, args.synthetic_samples)
     return model, train.encode(samples[0], tokenizer, "cpu")
+
+
+@pytest.fixture
+def tiny(tiny_base):
+    """A copy per test: tests switch modes and leave gradients, which must not reach the next."""
+    model, batch = tiny_base
+    return copy.deepcopy(model), batch
 
 
 def test_nothing_below_the_first_pvm_layer_is_in_the_graph(tiny):
