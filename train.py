@@ -133,8 +133,8 @@ def save_checkpoint(out, model, optimizer, step, run):
     os.replace(out / "state.pt.tmp", out / "state.pt")
 
 
-def resume(out, model, optimizer, run):
-    """Load state.pt, which must come from this same configuration; the step to continue at."""
+def read_state(out, run):
+    """--out's state.pt, which must come from this same configuration (grpo.py reads it too)."""
     path = out / "state.pt"
     if not path.exists():
         raise ValueError(f"--resume: no checkpoint {path}")
@@ -145,6 +145,12 @@ def resume(out, model, optimizer, run):
     if diff := [f"{k} {state['run'].get(k)!r} there, {v!r} here"
                 for k, v in run.items() if state["run"].get(k) != v]:
         raise ValueError(f"--resume: {path} comes from another configuration: {'; '.join(diff)}")
+    return state
+
+
+def resume(out, model, optimizer, run):
+    """Load state.pt into the PVM weights and the optimizer; the step to continue at."""
+    state = read_state(out, run)
     with torch.no_grad():
         for name, tensor in pvm_state_dict(model).items():
             tensor.copy_(state["pvm"][name])

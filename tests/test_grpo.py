@@ -1,0 +1,237 @@
+"""grpo.py on the tiny random model: the loss against the formula written out on a hand-made
+batch, what receives gradients, resuming after a crash, two gloo processes (DDP, FSDP2) against
+one, bad input."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import grpo
+import train
+from load_qwen import encode_chat, load_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+IM_END = 151645
+# grpo.main as two processes under torchrun: prepared() as below
+RUNNER = """
+import sys
+import grpo
+from test_grpo import prepare
+prepare()
+grpo.main(grpo.parse_args(sys.argv[1:]))
+"""
+
+
+def opened(model):
+    """Every PVM gate opened, as after some training, so that a step gives every PVM parameter a
+    gradient."""
+    with torch.no_grad():
+        for i in model.config.pvm_layers:
+            model.layers[i].pvm_block.gate_alpha.fill_(0.5)
+    return model
+
+
+def even_stops(model):
+    """Every even token id a stop token, so that random completions end, at random lengths, and
+    some are cut at the limit (a random model never samples <|im_end|>)."""
+    model.config.eos_token_ids = tuple(range(0, model.config.vocab_size, 2))
+    return opened(model)
+
+
+def multiple_of_3(text, ids, sample, kind, tokenizer):
+    """A reward that random completions reach a third of the time: most groups differ."""
+    return 0.0, float(ids[0] % 3 == 0)
+
+
+def prepare(setattr=setattr):
+    """grpo.main with even_stops models and the multiple_of_3 reward."""
+    build = train.build_model
+    setattr(train, "build_model", lambda *args: even_stops(build(*args)))
+    setattr(grpo, "rewards", multiple_of_3)
+
+
+def tiny_args(out, *extra):
+    return ["--size", "tiny", "--init", "none", "--synthetic-samples", "8", "--prompts", "2",
+            "--samples", "4", "--max-new-tokens", "3", "--lr", "1e-2", "--out", str(out), *extra]
+
+
+def digests(tensors):
+    return {name: hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()
+            for name, t in tensors}
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def prepared(monkeypatch):
+    prepare(monkeypatch.setattr)
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """The gradients a step is given, before clipping: one {id(parameter): gradient} a step."""
+    steps = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: (
+        steps.append({id(p): p.grad.clone() for p in params if p.grad is not None}),
+        clip(params, max_norm))[1])
+    return steps
+
+
+# prompt 0: rewards 1, 0, 0.9 (truncated: no stop token within 3), 0.1; prompt 1: all equal
+COMPLETIONS = [[[65, IM_END], [66, 67, IM_END], [68, 69, 70], [71, IM_END]],
+               [[72, IM_END], [73, 74, IM_END], [75, IM_END], [76, 77, IM_END]]]
+REWARDS = {65: (0.1, 0.9), 66: (0.0, 0.0), 68: (0.0, 0.9), 71: (0.1, 0.0),
+           72: (0.1, 0.9), 73: (0.1, 0.9), 75: (0.1, 0.9), 76: (0.1, 0.9)}
+
+
+def test_the_loss_is_the_formula_written_out(tmp_path, monkeypatch, captured):
+    """-sum over rows i, tokens t of A_i * log p(t) / (completion tokens of the batch), A_i the
+    reward's distance to its group's mean over the group's std (n - 1) + 1e-4; a truncated row
+    out of both sums; an all-equal group out of the gradient, not of the count."""
+    build = train.build_model
+    monkeypatch.setattr(train, "build_model", lambda *args: opened(build(*args)))
+    monkeypatch.setattr(grpo, "generate_batch", lambda *args, seed, **kwargs: COMPLETIONS[seed])
+    monkeypatch.setattr(grpo, "rewards", lambda text, ids, *rest: REWARDS[ids[0]])
+    args = grpo.parse_args(tiny_args(tmp_path, "--max-steps", "1"))
+    grpo.main(args)
+
+    model = train.build_model(args, None, "cpu", torch.float32)
+    prompts, tokenizer = grpo.load_prompts(args), grpo.tiny_tokenizer()
+    rewards = [[1.0, 0.0, 0.9, 0.1], [1.0, 1.0, 1.0, 1.0]]
+    total, count = 0.0, 0
+    for sample, completions, group in zip(prompts, COMPLETIONS, rewards):
+        mean = sum(group) / 4
+        std = (sum((r - mean) ** 2 for r in group) / 3) ** 0.5
+        for completion, reward in zip(completions, group):
+            if completion[-1] != IM_END:
+                continue  # truncated
+            advantage = 0.0 if std == 0 else (reward - mean) / (std + 1e-4)
+            ids, pixel_values, grid = encode_chat(tokenizer, grpo.prompt_messages(sample, None))
+            T, n = ids.size(1), len(completion)
+            logits = model(torch.cat([ids, torch.tensor([completion])], dim=1), pixel_values,
+                           grid)                                           # (1, T + n, V)
+            logp = logits[0, T - 1:T - 1 + n].log_softmax(dim=-1)          # (n, V)
+            total = total + advantage * logp[torch.arange(n), completion].sum()
+            count += n
+    assert count == 2 + 3 + 2 + (2 + 3 + 2 + 3)
+    loss = -total / count
+    loss.backward()
+    expected = {id(p): p.grad for p in model.parameters() if p.requires_grad}
+    assert len(captured[0]) == len(expected) == 30
+    for got, want in zip(captured[0].values(), expected.values()):
+        # float32 rounding, row by row against padded rows, amplified by the advantages'
+        # cancellation: measured within 7e-6 of a tensor's largest entry (1.5e-5 against float64)
+        assert (got - want).abs().max() <= 5e-5 * want.abs().max()
+    log = read_log(tmp_path)[0]
+    assert log["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert log["reward"] == pytest.approx((2.0 + 4.0) / 8)
+    assert log["format"] == pytest.approx(0.6 / 8)
+    assert log["all_equal"] == 0.5
+    assert log["truncated"] == 1 / 8
+    assert log["length"] == 20 / 8
+
+
+@pytest.mark.parametrize("trainable", ["pvm", "lm"])
+def test_only_the_trainable_parameters_get_gradients_and_change(tmp_path, prepared, captured,
+                                                                trainable):
+    args = grpo.parse_args(tiny_args(tmp_path, "--max-steps", "1", "--trainable", trainable))
+    fresh = digests(train.build_model(args, None, "cpu", torch.float32).named_parameters())
+    model = grpo.main(args)
+    names = {id(p): name for name, p in model.named_parameters()}
+    trainable_names = {name for name in fresh
+                       if (".pvm_block." in name if trainable == "pvm" else "visual." not in name)}
+    assert {names[i] for i in captured[0]} == trainable_names
+    trained = digests(model.named_parameters())
+    assert {name for name in fresh if fresh[name] != trained[name]} == trainable_names
+    if trainable == "lm":  # the whole model as an official checkpoint, PVM in its own file
+        loaded = load_model(tmp_path / "model", pvm_file=tmp_path / "pvm.safetensors")
+        assert digests(loaded.named_parameters()) == trained
+
+
+def test_resume_after_a_crash_gives_the_same_weights(tmp_path, monkeypatch, prepared):
+    """Bit for bit: the prompts are a function of the seed and the step, each prompt's samples
+    of the seed and its place; nothing else draws random numbers."""
+    grpo.main(grpo.parse_args(tiny_args(tmp_path / "straight", "--max-steps", "4",
+                                        "--save-every", "2")))
+
+    class Crash(Exception):
+        pass
+    sample = grpo.generate_batch
+
+    def crash_in_step_4(*args, seed, **kwargs):
+        if seed >= 6:  # step 4 samples prompts 6 and 7
+            raise Crash()
+        return sample(*args, seed=seed, **kwargs)
+    monkeypatch.setattr(grpo, "generate_batch", crash_in_step_4)
+    with pytest.raises(Crash):  # after the checkpoint of step 2
+        grpo.main(grpo.parse_args(tiny_args(tmp_path / "resumed", "--max-steps", "4",
+                                            "--save-every", "2")))
+    monkeypatch.setattr(grpo, "generate_batch", sample)
+    torch.manual_seed(1234)  # another global RNG state than the first run's
+    grpo.main(grpo.parse_args(tiny_args(tmp_path / "resumed", "--max-steps", "4",
+                                        "--save-every", "2", "--resume")))
+    a, b = (load_file(tmp_path / run / "pvm.safetensors") for run in ("straight", "resumed"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["model.language_model.layers.1.pvm_block.gate_alpha"].item() != 0.5  # it learned
+    rewards = [{e["step"]: e["reward"] for e in read_log(tmp_path / run)}  # the last of a step
+               for run in ("straight", "resumed")]
+    assert rewards[0] == rewards[1]
+
+
+def run_two_and_one(tmp_path, *extra):
+    """The same run as two gloo processes under torchrun and as this one process (prepared by
+    the caller's fixture)."""
+    (tmp_path / "runner.py").write_text(RUNNER)
+    common = tiny_args(tmp_path, "--max-steps", "2", *extra)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node=2", str(tmp_path / "runner.py"), *common,
+                    "--out", str(tmp_path / "two")], cwd=REPO, env=ENV, check=True,
+                   capture_output=True)
+    grpo.main(grpo.parse_args([*common, "--out", str(tmp_path / "one")]))
+    logs = [read_log(tmp_path / run) for run in ("two", "one")]
+    for two, one in zip(*logs):
+        assert two["reward"] == one["reward"] and two["all_equal"] == one["all_equal"]
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+    return [torch.load(tmp_path / run / "state.pt", weights_only=True)["weights"]
+            for run in ("two", "one")]
+
+
+def test_two_ddp_processes_equal_one(tmp_path, prepared):
+    two, one = run_two_and_one(tmp_path)
+    assert two.keys() == one.keys()
+    assert all((two[k] - one[k]).abs().max() <= 1e-6 for k in two)
+    assert two["layers.1.pvm_block.gate_alpha"].item() != 0.5
+
+
+def test_two_fsdp2_processes_equal_one_unsharded(tmp_path, prepared):
+    """--trainable lm: each decoder layer and the rest sharded over two processes by FSDP2."""
+    two, one = run_two_and_one(tmp_path, "--trainable", "lm")
+    assert two.keys() == one.keys()
+    assert len(two) == 30 + 4 * 11 + 3  # PVM; the decoder layers; embeddings, norm, head
+    assert all((two[k] - one[k]).abs().max() <= 1e-6 for k in two)
+    exported = [load_file(tmp_path / run / "model" / "model.safetensors") for run in ("two", "one")]
+    assert all((exported[0][k] - exported[1][k]).abs().max() <= 1e-6 for k in exported[0])
+
+
+def test_bad_input_names_the_problem(tmp_path):
+    cases = {  # extra arguments -> the message
+        ("--init", str(tmp_path / "gone.safetensors")): "first, or pass --init none",
+        ("--model", str(tmp_path)): "--model does not go with --size tiny",
+    }
+    for extra, message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            grpo.main(grpo.parse_args(tiny_args(tmp_path / "out", *extra)))
