@@ -30,7 +30,8 @@ def test_directory_without_config(tmp_path):
 
 def test_config_of_another_architecture(tmp_path):
     config = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-              "text_config": {"model_type": "llama"}, "vision_config": {"model_type": "clip_vision_model"}}
+              "text_config": {"model_type": "llama"},
+              "vision_config": {"model_type": "clip_vision_model"}}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="llava"):
         load_qwen.load_model(tmp_path)
@@ -90,7 +91,8 @@ def checkpoint_with(tensors, tiny_untied, path):
 @pytest.mark.parametrize("name", ["model.language_model.layers.1.mlp.up_proj.weight",
                                   "model.visual.patch_embed.proj.weight", "lm_head.weight"])
 def test_checkpoint_missing_a_tensor(name, tensors, tiny_untied, tmp_path):
-    """The message names the tensor as the checkpoint spells it, the name to look for in the file."""
+    """The message names the tensor as the checkpoint spells it, the name to look for in the
+    file."""
     path = checkpoint_with({k: v for k, v in tensors.items() if k != name}, tiny_untied, tmp_path)
     with pytest.raises(ValueError, match=re.escape(name)):
         load_qwen.load_model(path)
@@ -105,8 +107,9 @@ def test_checkpoint_holding_a_wrong_shape(name, tensors, tiny_untied, tmp_path):
 
 
 def test_checkpoint_holding_an_unknown_tensor(tensors, tiny_untied, tmp_path):
-    extra = {**tensors, "model.language_model.layers.9.mlp.up_proj.weight": torch.zeros(128, 64)}
-    with pytest.raises(ValueError, match=re.escape("model.language_model.layers.9.mlp.up_proj.weight")):
+    name = "model.language_model.layers.9.mlp.up_proj.weight"
+    extra = {**tensors, name: torch.zeros(128, 64)}
+    with pytest.raises(ValueError, match=re.escape(name)):
         load_qwen.load_model(checkpoint_with(extra, tiny_untied, tmp_path))
 
 
@@ -123,7 +126,8 @@ def test_weights_file_that_is_not_safetensors(tiny_untied, tmp_path):
     shutil.copy(tiny_untied / "config.json", tmp_path / "config.json")
     (tmp_path / "model.safetensors").write_text(
         "version https://git-lfs.github.com/spec/v1\n"
-        "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 8875506608\n")
+        "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+        "size 8875506608\n")
     with pytest.raises(ValueError, match="model.safetensors"):
         load_qwen.load_model(tmp_path)
 
@@ -134,7 +138,8 @@ def tokenizer(tiny_untied):
 
 
 def test_image_tokens_that_do_not_match_the_image(tiny_untied, tokenizer, photos):
-    messages = [{"role": "user", "content": [{"type": "image", "image": photos["chelsea"].reduce(2)},
+    photo = photos["chelsea"].reduce(2)
+    messages = [{"role": "user", "content": [{"type": "image", "image": photo},
                                              {"type": "text", "text": "What is this?"}]}]
     ids, pixel_values, grid = load_qwen.encode_chat(tokenizer, messages)
     first = int((ids[0] == 151655).nonzero()[0])
