@@ -255,4 +255,5 @@ def encode_sample(samples, i, tokenizer, named, strict):
             if where not in named:
                 tqdm.write(f"skipped {where}: {e}", file=sys.stderr)  # above a progress bar
                 named.add(where)
-    raise ValueError("no sample's images can be decoded")
+            error = f"{where}: {e}"
+    raise ValueError(f"no sample's images can be decoded; the last: {error}")
