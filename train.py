@@ -293,7 +293,8 @@ def main(args):
                 save_checkpoint(out, model, optimizer, done, run)
     except (KeyboardInterrupt, UnreadableSample) as e:
         bar.close()
-        # Ctrl-C reaches every rank, rank 0 saves; a sample only its rank, which saves for all
+        # Ctrl-C reaches every rank, and rank 0 saves; an unreadable sample stops its own rank
+        # only, which saves in its place (every rank holds the same weights)
         if done > start and (rank == 0 or isinstance(e, UnreadableSample)):
             save_checkpoint(out, model, optimizer, done, run)
         state = f"step {done} is saved in {out}, --resume continues" if done else "no step done"
