@@ -20,6 +20,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,8 +38,8 @@ from tqdm import tqdm
 import train
 from _standins import builtin_sample, generate_batch, prompt_messages, read_samples, score
 from data import image_tokens, synthetic_sample, tiny_tokenizer
-from load_qwen import encode_chat, load_tokenizer, resolve_checkpoint, save_model
-from pvm import load_pvm
+from load_qwen import check_device, encode_chat, load_tokenizer, resolve_checkpoint, save_model
+from pvm import load_pvm, write_atomic
 
 # DeepSeek-R1's template, which the R1-style GRPO recipes for vision-language models reuse
 SYSTEM_PROMPT = (
@@ -174,15 +175,24 @@ def save_checkpoint(out, model, optimizer, step, run, rank):
     weights, optimizer_state = get_state_dict(model, optimizer, options=options)
     if rank == 0:
         state = {"step": step, "run": run, "weights": weights, "optimizer": optimizer_state}
-        torch.save(state, out / "state.pt.tmp")
-        os.replace(out / "state.pt.tmp", out / "state.pt")
+        write_atomic(out / "state.pt", partial(torch.save, state))
         pvm = {f"model.language_model.{k}": v for k, v in weights.items() if ".pvm_block." in k}
-        save_file(pvm, out / "pvm.safetensors.tmp")
-        os.replace(out / "pvm.safetensors.tmp", out / "pvm.safetensors")
+        write_atomic(out / "pvm.safetensors", partial(save_file, pvm))
 
 
 def resume(out, model, optimizer, run):
-    state = train.read_state(out, run)  # the step to continue at, after loading the rest
+    """Load state.pt, which must come from this same configuration; the step to continue at."""
+    path = out / "state.pt"
+    if not path.exists():
+        raise ValueError(f"--resume: no checkpoint {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved_run = state["run"]
+    except Exception as e:  # truncated, or not a checkpoint of this script
+        raise ValueError(f"--resume: {path} is not a checkpoint of grpo.py: {e!r}") from None
+    if diff := [f"{k} {saved_run.get(k)!r} there, {v!r} here"
+                for k, v in run.items() if saved_run.get(k) != v]:
+        raise ValueError(f"--resume: {path} comes from another configuration: {'; '.join(diff)}")
     set_state_dict(model, optimizer, model_state_dict=state["weights"],
                    optim_state_dict=state["optimizer"],
                    options=StateDictOptions(full_state_dict=True, strict=False))
@@ -208,6 +218,7 @@ def load_prompts(args):
 
 
 def main(args):
+    check_device(args.device)
     rank, world, cuda, out = 0, 1, args.device.startswith("cuda"), Path(args.out)
     size, checkpoint = SIZES[args.size], train.SIZES[args.size]["checkpoint"]
     if ddp := "RANK" in os.environ:  # under torchrun: a process per GPU with nccl, on CPUs gloo
@@ -291,6 +302,7 @@ def main(args):
             stats[6] -= group_sum.detach().float()
             stats[7] += tensors[1].sum()  # real tokens of the teacher-forced pass
         grad_norm = value(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        train.check_finite(torch.tensor(grad_norm), stats[6] / count, step)  # before the update
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         stats[8:] = torch.tensor([t1 - t0, time.perf_counter() - t1])
