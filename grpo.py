@@ -56,11 +56,12 @@ PAD_ID = 151643  # <|endoftext|>: right-pads the completions (masked, never read
 # What depends on --size (PVM's layers and the checkpoint: train.SIZES). lr: the paper's;
 # max_new_tokens: TRL's max_completion_length. tiny starts from `train.py --size tiny`'s PVM, for a
 # random model never samples a letter (every reward 0, no gradient); its reward: the first token
-# alone answers right, so a few tokens suffice; its rate is larger, to learn within minutes.
+# alone answers right; 8 tokens, so that few completions are cut (a cut one is out of the loss);
+# its rate is larger, to learn within minutes.
 RELEASED = {"lr": 1e-6, "max_new_tokens": 512, "system": SYSTEM_PROMPT, "reward": "think_answer",
             "init": None, "steps": None}
 SIZES = {"4b": RELEASED, "8b": RELEASED,
-         "tiny": {"lr": 1e-3, "max_new_tokens": 4, "system": None, "reward": "first_token",
+         "tiny": {"lr": 1e-3, "max_new_tokens": 8, "system": None, "reward": "first_token",
                   "init": "out/pvm.safetensors", "steps": 60}}
 
 # -----------------------------------------------------------------------------
@@ -213,6 +214,10 @@ def load_prompts(args):
     for sample in samples:
         for image in sample["images"]:
             image_tokens(image, sample["where"])
+    if args.trainable == "pvm":  # PVM adds exactly 0 without an image: nothing to learn there
+        samples = [s for s in samples if s["images"] or "messages" in s]  # built-in: one each
+    if not samples:
+        raise ValueError(f"no prompt with an image in {args.data} for --trainable pvm")
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed))
     return [samples[i] for i in order.tolist()]
 
@@ -254,6 +259,9 @@ def main(args):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     start = resume(out, model, optimizer, run) if args.resume else 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    # PVM's float32 master weights beside a bf16 model sample under autocast, as train.py
+    # evaluates; --trainable lm samples in float32, the dtype of its KV cache (generate.py's)
+    sampling = autocast if args.trainable == "pvm" else nullcontext()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         print(f"{len(prompts)} prompts; {total} steps of {args.prompts} x {args.samples} samples; "
@@ -264,7 +272,7 @@ def main(args):
         # rank. Each prompt's samples come from a seed of its own: they depend on the run's seed
         # and the prompt's place, not on how the prompts are spread over processes.
         groups = []
-        with gathered(model):
+        with gathered(model), sampling:
             for i in range(step * args.prompts + rank, (step + 1) * args.prompts, world):
                 sample = prompts[i % len(prompts)]
                 ids, pixel_values, grid = encode_chat(tokenizer,
@@ -275,7 +283,7 @@ def main(args):
                     num_samples=args.samples, cuda_graph=not fsdp)
                 groups.append((sample, (ids, pixel_values, grid), completions))
         t1 = time.perf_counter()
-        stats = torch.zeros(10, device=args.device)  # summed over the ranks: see the log below
+        stats = torch.zeros(10, dtype=torch.float64)  # summed over the ranks: see the log
         batches = []
         for sample, prompt, completions in groups:
             parts = torch.tensor([rewards(tokenizer.decode(ids), ids, sample, size["reward"],
@@ -299,28 +307,29 @@ def main(args):
             with autocast:
                 group_sum = objective(*(t if t is None else t.to(args.device) for t in tensors))
             (-group_sum * world / count.clamp(min=1)).backward()  # DDP, FSDP2: mean of ranks
-            stats[6] -= group_sum.detach().float()
+            stats[6] -= group_sum.item()
             stats[7] += tensors[1].sum()  # real tokens of the teacher-forced pass
         grad_norm = value(torch.nn.utils.clip_grad_norm_(params, 1.0))
-        train.check_finite(torch.tensor(grad_norm), stats[6] / count, step)  # before the update
+        train.check_finite(torch.tensor(grad_norm), stats[6] / count.item(), step)  # not applied
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         stats[8:] = torch.tensor([t1 - t0, time.perf_counter() - t1])
         if ddp:
+            stats = stats.to(args.device)  # nccl reduces on the GPU
             dist.all_reduce(stats)
         gates = [value(model.layers[i].pvm_block.gate_alpha) for i in model.config.pvm_layers]
         if (step + 1) % args.save_every == 0 or step + 1 == total:
             save_checkpoint(out, model, optimizer, step + 1, run, rank)
-        rows, seconds = stats[3].item(), stats[8:] / world  # the ranks' mean time
+        stats, count = stats.tolist(), count.item()
+        rows, seconds = stats[3], [t / world for t in stats[8:]]  # the ranks' mean times
         if rank == 0:
             train.log(out, {
-                "step": step + 1, "reward": (stats[0] + stats[1]).item() / rows,
-                "format": stats[0].item() / rows, "accuracy": stats[1].item() / rows,
-                "all_equal": stats[2].item() * args.samples / rows,  # share of the groups
-                "length": stats[4].item() / rows, "truncated": stats[5].item() / rows,
-                "loss": (stats[6] / count.clamp(min=1)).item(), "grad_norm": grad_norm,
-                "sample_tokens_per_s": stats[4].item() / seconds[0].item(),
-                "update_tokens_per_s": stats[7].item() / seconds[1].item(), "gates": gates})
+                "step": step + 1, "reward": (stats[0] + stats[1]) / rows, "format": stats[0] / rows,
+                "accuracy": stats[1] / rows, "all_equal": stats[2] * args.samples / rows,  # groups
+                "length": stats[4] / rows, "truncated": stats[5] / rows,
+                "loss": stats[6] / max(count, 1), "grad_norm": grad_norm,
+                "sample_tokens_per_s": stats[4] / seconds[0],
+                "update_tokens_per_s": stats[7] / seconds[1], "gates": gates})
     if args.trainable == "lm":  # the model but PVM, as an official checkpoint for generate.py
         with gathered(model):  # FSDP2's shards: plain tensors for now
             if rank == 0:
@@ -348,7 +357,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from --out/state.pt")
     p.add_argument("--prompts", type=int, default=8, help="prompts per step, over all processes")
     p.add_argument("--samples", type=int, default=8, help="samples per prompt: a group")
-    p.add_argument("--max-new-tokens", type=int, help="completions' limit (default 512; tiny 4)")
+    p.add_argument("--max-new-tokens", type=int, help="completions' limit (default 512; tiny 8)")
     p.add_argument("--lr", type=float, help="AdamW's constant rate (default 1e-6; tiny 1e-3)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: one epoch; tiny 60)")
     p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
