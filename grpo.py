@@ -51,7 +51,7 @@ SYSTEM_PROMPT = (
 # <think>...</think> then <answer>...</answer>: whitespace between, no tag inside, nothing after
 FORMAT = re.compile(r"<think>(?:(?!</?think>|</?answer>).)*</think>\s*"
                     r"<answer>(?:(?!</?think>|</?answer>).)*</answer>", re.S)
-PAD_ID = 151643  # <|endoftext|>: right-pads the completions (masked, never read)
+PAD_ID = 0  # right-pads the completions: any token of any vocabulary (masked, never read)
 
 # What depends on --size (PVM's layers and the checkpoint: train.SIZES). lr: the paper's;
 # max_new_tokens: TRL's max_completion_length. tiny starts from `train.py --size tiny`'s PVM, for a
@@ -86,7 +86,7 @@ def group_advantages(rewards, G):
     return advantages.masked_fill(equal[:, None], 0.0).view(-1), equal
 
 
-def group_batch(prompt, completions, stops, advantages):
+def group_batch(prompt, completions, stops, image_token, advantages):
     """A prompt's G completions as one batch: input_ids and attention_mask (G, T + L), the
     completions right-padded; pixel values and grids repeated G times; the loss mask (G, T + L)
     on the completion tokens of the rows that ended with a stop token; the advantages (G,)."""
@@ -96,9 +96,12 @@ def group_batch(prompt, completions, stops, advantages):
     input_ids[:, :T] = ids
     loss_mask = torch.zeros(G, T + L, dtype=torch.bool)
     for row, completion in enumerate(completions):
-        input_ids[row, T:T + len(completion)] = torch.tensor(completion)
-        # TRL's mask_truncated_completions: a completion cut at the length limit teaches nothing
-        loss_mask[row, T:T + len(completion)] = completion[-1] in stops
+        tokens = torch.tensor(completion)
+        input_ids[row, T:T + len(completion)] = tokens.masked_fill(tokens == image_token, PAD_ID)
+        # TRL's mask_truncated_completions: a completion cut at the length limit teaches nothing.
+        # Nor, here, one that holds a sampled <|image_pad|>: the forward would seek an image there.
+        loss_mask[row, T:T + len(completion)] = (completion[-1] in stops
+                                                 and image_token not in completion)
     lengths = torch.tensor([T + len(completion) for completion in completions])
     attention_mask = torch.arange(T + L) < lengths[:, None]                # (G, T + L)
     repeat = lambda t: None if t is None else t.repeat(G, 1)  # (n, k) -> (G*n, k)
@@ -289,7 +292,8 @@ def main(args):
             parts = torch.tensor([rewards(tokenizer.decode(ids), ids, sample, size["reward"],
                                           tokenizer) for ids in completions])  # (G, 2)
             advantages, equal = group_advantages(parts.sum(dim=1), args.samples)
-            batches.append(group_batch(prompt, completions, stops, advantages))
+            batches.append(group_batch(prompt, completions, stops, model.config.image_token_id,
+                                       advantages))
             stats[:6] += torch.tensor([*parts.sum(dim=0), equal.sum(), len(completions),
                                        sum(map(len, completions)),
                                        sum(c[-1] not in stops for c in completions)])

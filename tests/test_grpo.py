@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
-IM_END = 151645
+IM_END, IMAGE_PAD = 151645, 151655
 # grpo.main as two processes under torchrun: prepared() as below
 RUNNER = """
 import sys
@@ -89,9 +89,10 @@ def captured(monkeypatch):
     return steps
 
 
-# prompt 0: rewards 1, 0, 0.9 (truncated: no stop token within 3), 0.1; prompt 1: all equal
+# prompt 0: rewards 1, 0, 0.9 (truncated: no stop token within 3), 0.1; prompt 1: all equal, the
+# last row with a sampled <|image_pad|> (out of the loss too)
 COMPLETIONS = [[[65, IM_END], [66, 67, IM_END], [68, 69, 70], [71, IM_END]],
-               [[72, IM_END], [73, 74, IM_END], [75, IM_END], [76, 77, IM_END]]]
+               [[72, IM_END], [73, 74, IM_END], [75, IM_END], [76, IMAGE_PAD, IM_END]]]
 REWARDS = {65: (0.1, 0.9), 66: (0.0, 0.0), 68: (0.0, 0.9), 71: (0.1, 0.0),
            72: (0.1, 0.9), 73: (0.1, 0.9), 75: (0.1, 0.9), 76: (0.1, 0.9)}
 
@@ -99,7 +100,8 @@ REWARDS = {65: (0.1, 0.9), 66: (0.0, 0.0), 68: (0.0, 0.9), 71: (0.1, 0.0),
 def test_the_loss_is_the_formula_written_out(tmp_path, monkeypatch, captured):
     """-sum over rows i, tokens t of A_i * log p(t) / (completion tokens of the batch), A_i the
     reward's distance to its group's mean over the group's std (n - 1) + 1e-4; a truncated row
-    out of both sums; an all-equal group out of the gradient, not of the count."""
+    (or one holding <|image_pad|>) out of both sums; an all-equal group out of the gradient, not
+    of the count."""
     build = train.build_model
     monkeypatch.setattr(train, "build_model", lambda *args: opened(build(*args)))
     monkeypatch.setattr(grpo, "generate_batch", lambda *args, seed, **kwargs: COMPLETIONS[seed])
@@ -115,8 +117,8 @@ def test_the_loss_is_the_formula_written_out(tmp_path, monkeypatch, captured):
         mean = sum(group) / 4
         std = (sum((r - mean) ** 2 for r in group) / 3) ** 0.5
         for completion, reward in zip(completions, group):
-            if completion[-1] != IM_END:
-                continue  # truncated
+            if completion[-1] != IM_END or IMAGE_PAD in completion:
+                continue  # truncated, or an image's token in the completion
             advantage = 0.0 if std == 0 else (reward - mean) / (std + 1e-4)
             ids, pixel_values, grid = encode_chat(tokenizer, grpo.prompt_messages(sample, None))
             T, n = ids.size(1), len(completion)
@@ -125,7 +127,7 @@ def test_the_loss_is_the_formula_written_out(tmp_path, monkeypatch, captured):
             logp = logits[0, T - 1:T - 1 + n].log_softmax(dim=-1)          # (n, V)
             total = total + advantage * logp[torch.arange(n), completion].sum()
             count += n
-    assert count == 2 + 3 + 2 + (2 + 3 + 2 + 3)
+    assert count == 2 + 3 + 2 + (2 + 3 + 2)
     loss = -total / count
     loss.backward()
     expected = {id(p): p.grad for p in model.parameters() if p.requires_grad}
