@@ -51,7 +51,8 @@ class Recorder:
     def pytest_collectreport(self, report):
         if report.failed:
             lines = str(report.longrepr).strip().splitlines()
-            self.broken[Path(report.nodeid).name] = lines[-1] if lines else "cannot collect"
+            last = re.sub(r"^E\s+", "", lines[-1]) if lines else "cannot collect"  # pytest's E
+            self.broken[Path(report.nodeid).name] = last
 
 
 def verdict(exercise, tests, broken):
