@@ -57,7 +57,7 @@ EXERCISES = [
     Exercise(8, "the SFT loss and the schedule", 10,
              ("train.AssistantLoss.forward", "train.get_lr"),
              "test_ex08_sft.py"),
-    # 9 is kept for GRPO (advantages and loss) once grpo.py exists: see COURSES.md
+    # 9 is kept for GRPO (advantages and loss) once grpo.py exists: see the README, "For courses"
     Exercise(10, "measuring visual attention dilution", 5,
              ("exercises.measure.layer_groups", "exercises.measure.dilution",
               "exercises.measure.decay_exponent"),
