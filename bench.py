@@ -77,13 +77,11 @@ def batch_inputs(config, batch_size):
     image = ([config["vision_start_token_id"]] + [config["image_token_id"]] * n_image
              + [config["vision_end_token_id"]])
     top = min(config["text_config"]["vocab_size"] - 100, 150000)      # below the special tokens
-    prompts = [image + torch.randint(0, top, (32 - 4 * (b % 4),)).tolist()
-               for b in range(batch_size)]
-    T = max(map(len, prompts))
-    input_ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])            # (B, T)
-    attention_mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
-    return (input_ids, attention_mask, pixel_values.repeat(batch_size, 1),
-            grid.repeat(batch_size, 1))
+    prompts = []
+    for b in range(batch_size):
+        text = torch.randint(0, top, (32 - 4 * (b % 4),)).tolist()
+        prompts.append((torch.tensor([image + text]), pixel_values, grid))
+    return generate.left_pad(prompts)
 
 
 def timed(steps, sync):

@@ -8,9 +8,9 @@ chosen.
     python generate.py --image cat.jpg --report report.png      # also writes report.json
 
 `generate(...)` is the loop on its own, a Python generator of token ids, for notebooks and
-bench.py; `generate_batch(...)` answers a left-padded batch of prompts, several times each if
-asked (GRPO groups, pass@k); the rest is the command line around them (what --report draws is in
-report.py). Left out on purpose: beam search, repetition penalties, video.
+bench.py; `generate_batch(...)` answers a batch of prompts (`left_pad` makes one), several times
+each if asked (GRPO groups, pass@k); the rest is the command line around them (what --report
+draws is in report.py). Left out on purpose: beam search, repetition penalties, video.
 """
 import argparse
 import contextlib
@@ -179,6 +179,23 @@ def generate_batch(model, input_ids, attention_mask=None, pixel_values=None, ima
         end = next((i + 1 for i, token in enumerate(row) if token in stop_tokens), len(row))
         answers.append(row[:end])
     return answers
+
+
+def left_pad(prompts, pad_id=0):
+    """Several prompts, each encode_chat's (input_ids (1, T_b), pixel_values, image_grid_thw), as
+    one batch for generate_batch: input_ids and attention_mask (B, T) padded on the left (pad_id
+    is never read), and the images of every row in order (None where no prompt has one)."""
+    B, T = len(prompts), max(ids.size(1) for ids, _, _ in prompts)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    for b, (ids, _, _) in enumerate(prompts):
+        input_ids[b, T - ids.size(1):] = ids[0]
+        attention_mask[b, T - ids.size(1):] = 1
+    images = [(pixels, grid) for _, pixels, grid in prompts if pixels is not None]
+    if not images:
+        return input_ids, attention_mask, None, None
+    pixel_values, image_grid_thw = (torch.cat(parts) for parts in zip(*images))
+    return input_ids, attention_mask, pixel_values, image_grid_thw
 
 
 def parse_args(argv=None):

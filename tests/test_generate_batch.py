@@ -89,6 +89,17 @@ def test_pvm_batch_equals_each_prompt_alone(tiny_untied, batch, ref_processor, c
     assert answers == [alone(with_pvm, ref_processor, c) for c in conversations for _ in range(2)]
 
 
+def test_left_pad_makes_the_reference_processors_batch(batch, conversations, tiny_untied):
+    tokenizer = load_qwen.load_tokenizer(tiny_untied)
+    prompts = [load_qwen.encode_chat(tokenizer, c) for c in conversations]
+    input_ids, attention_mask, pixel_values, image_grid_thw = generate.left_pad(prompts)
+    assert torch.equal(attention_mask, batch["attention_mask"])
+    assert torch.equal(input_ids * attention_mask, batch["input_ids"] * attention_mask)
+    assert torch.equal(pixel_values, batch["pixel_values"])
+    assert torch.equal(image_grid_thw, batch["image_grid_thw"])
+    assert generate.left_pad(prompts[1:2])[2:] == (None, None)  # the text-only prompt
+
+
 def test_greedy_samples_are_the_one_answer_and_the_vision_tower_runs_once(model, batch, greedy):
     """num_samples copies the cache's rows after one prefill: the vision tower runs once, over
     the batch's two images, not once per sample; greedy samples are all the same answer."""
