@@ -3,10 +3,11 @@ Speed of our generation against transformers' generate, in one run and on the sa
 random checkpoints in the official layout, greedy, batches of B prompts (each a 448x448 image
 and 32 to 20 text tokens, left-padded), 64 new tokens per prompt. Reports prefill time and
 decode tokens/s summed over the batch, as ratios ours / theirs (median of runs), our batch's
-rate over our B = 1 rate, and whether the greedy tokens are the same; then a training step.
+rate over our B = 1 rate, and whether the greedy tokens are the same; then a training step and
+a GRPO step (sampling, then the update).
 
     python bench.py                 # the tiny and ~110M models on this CPU, B = 1 and 8
-    python bench.py --sizes 4b --train-sizes 4b --device cuda --dtype bfloat16 \
+    python bench.py --sizes 4b --train-sizes 4b --grpo-sizes 4b --device cuda --dtype bfloat16 \
         --modes plain graph compile long-cap --batch-sizes 1 8 32
 
 Sizes: tiny (overhead-bound, as a 4B model on a GPU at batch 1), 110m (the real vocabulary,
@@ -248,6 +249,64 @@ def bench_train(size, args, grad_ckpt):
           f"{tokens / t_step:.0f} | {peak} |", flush=True)
 
 
+def bench_grpo(size, args):
+    """One step of grpo.py in its two parts, on one prompt (the 448x448 image and 32 text tokens of
+    batch_inputs): sampling --grpo-samples answers of --new-tokens tokens from one prefill (no
+    stop token, so every row runs to the end), then the update on them (a teacher-forced pass
+    over the group, backward, clipping, AdamW). PVM at the 4B's relative depth and width, gates
+    opened to 0.1 as after some training; every answer counted as finished, so that the head
+    runs at all of its tokens."""
+    import grpo
+    from model import Qwen3VL
+    from pvm import PRESETS, attach_pvm
+
+    device, cuda = args.device, args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    hf = config_dict(size)
+    config = load_qwen.config_from_hf(hf)
+    layers = sorted({round(i * config.num_layers / 36) for i in PRESETS["4b"]})
+    width = max(config.head_dim, round(config.hidden_size / 5 / config.head_dim) * config.head_dim)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3VL(config).to(getattr(torch, args.dtype)).eval().requires_grad_(False)
+    attach_pvm(model, layers, width)
+    for i in layers:
+        model.layers[i].pvm_block.float()  # float32 master weights, as grpo.py keeps them
+        model.layers[i].pvm_block.gate_alpha.data.fill_(0.1)
+    ids, _, pixel_values, grid = batch_inputs(hf, 1)  # one prompt: no padding
+    G, n = args.grpo_samples, args.new_tokens
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda
+                else torch.autocast("cpu", enabled=False))
+    objective = grpo.PolicyObjective(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0)
+    completions = []
+
+    def sample():
+        with autocast:
+            completions[:] = generate.generate_batch(
+                model, ids, None, pixel_values, grid, max_new_tokens=n, temperature=1.0,
+                top_p=1.0, seed=0, num_samples=G, stop_tokens=())
+
+    def update():
+        advantages = torch.linspace(-1, 1, G)  # any advantages but 0: the cost is the same
+        batch = grpo.group_batch((ids, pixel_values, grid), completions,
+                                 {c[-1] for c in completions}, config.image_token_id, advantages)
+        model.train()
+        with autocast:
+            objective(*(t if t is None else t.to(device) for t in batch)).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    t_sample = best_time(sample, sync)
+    t_update = best_time(update, sync)
+    tokens = G * (ids.size(1) + n)  # the update's teacher-forced pass
+    print(f"| {size} | {G} x {n} | {t_sample * 1000:.0f} ms, {G * n / t_sample:.0f} tokens/s | "
+          f"{t_update * 1000:.0f} ms, {tokens / t_update:.0f} tokens/s | "
+          f"{t_sample / (t_sample + t_update):.0%} |", flush=True)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", nargs="*", default=["tiny", "110m"], choices=["tiny", "110m", "4b"],
@@ -267,6 +326,10 @@ if __name__ == "__main__":
                    help="length of the training-step sample")
     p.add_argument("--train-sizes", nargs="*", default=["110m"], choices=["110m", "4b"],
                    help="sizes for the training-step measurement (none: skip it)")
+    p.add_argument("--grpo-sizes", nargs="*", default=["tiny", "110m"],
+                   choices=["tiny", "110m", "4b"],
+                   help="sizes for the GRPO-step measurement (none: skip it)")
+    p.add_argument("--grpo-samples", type=int, default=8, help="answers to the GRPO step's prompt")
     args = p.parse_args()
     if args.batch_sizes is None:
         args.batch_sizes = [1, 8, 32] if args.device.startswith("cuda") else [1, 8]
@@ -287,3 +350,9 @@ if __name__ == "__main__":
         for size in args.train_sizes:
             for grad_ckpt in (False, True):
                 bench_train(size, args, grad_ckpt)
+    if args.grpo_sizes:
+        print("\nGRPO step (grpo.py): sampling one prompt's answers, then the update on them\n"
+              "| model | answers x tokens | sampling | update | sampling's share |\n"
+              "|---|---|---|---|---|")
+        for size in args.grpo_sizes:
+            bench_grpo(size, args)

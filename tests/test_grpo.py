@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
 IM_END, IMAGE_PAD = 151645, 151655
-# grpo.main as two processes under torchrun: prepared() as below
+# grpo.main as two processes under torchrun, with prepare() below
 RUNNER = """
 import sys
 import grpo
