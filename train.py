@@ -103,8 +103,7 @@ def get_lr(step, total, args):
 
 
 def encode(sample, tokenizer, device):
-    """(messages, where) -> input_ids (1, T), pixel_values (N, 1536), grid (images, 3), loss mask
-    (1, T)."""
+    """A sample's input_ids (1, T), pixel_values (N, 1536), grid (images, 3), loss mask (1, T)."""
     return tuple(t.to(device) for t in encode_chat_for_training(tokenizer, sample[0]))
 
 
@@ -143,9 +142,8 @@ def resume(out, model, optimizer, run):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, or not a checkpoint of this script
         raise ValueError(f"--resume: cannot read {path}: {e}") from None
-    diff = [f"{k} {state['run'].get(k)!r} there, {v!r} here"
-            for k, v in run.items() if state["run"].get(k) != v]
-    if diff:
+    if diff := [f"{k} {state['run'].get(k)!r} there, {v!r} here"
+                for k, v in run.items() if state["run"].get(k) != v]:
         raise ValueError(f"--resume: {path} comes from another configuration: {'; '.join(diff)}")
     with torch.no_grad():
         for name, tensor in pvm_state_dict(model).items():
@@ -172,8 +170,7 @@ def main(args):
     if size["threads"] and not cuda:
         torch.set_num_threads(size["threads"])
     if (out / "state.pt").exists() and not args.resume:
-        raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it, "
-                         "or another --out")
+        raise ValueError(f"{out} already holds a checkpoint: pass --resume, or another --out")
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} does not split over {world} processes")
     if args.model and size["checkpoint"] is None:
@@ -200,8 +197,7 @@ def main(args):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        # the tiny random backbone, for generate.py --model; on --resume the one there is this
-        # run's already (resume checked the seed and size, which fix it)
+        # the tiny backbone, for generate.py --model; on --resume, this run's (same seed) is there
         if checkpoint is None and not (args.resume and (out / "backbone").is_dir()):
             save_model(model, out / "backbone")  # PVM is not part of it
             tokenizer.save(str(out / "backbone" / "tokenizer.json"))
@@ -224,9 +220,8 @@ def main(args):
             wrapped.train()  # there is no dropout: this only lets gradient checkpointing act
             # step s takes samples s*batch .. (s+1)*batch - 1 of the shuffled order (wrapping),
             # encoded on the CPU first: their loss masks count the tokens of the loss beforehand
-            first = step * args.batch_size + rank
-            batch = [encode(train[(first + micro * world) % len(train)], tokenizer, "cpu")
-                     for micro in range(accum)]
+            picks = range(step * args.batch_size + rank, (step + 1) * args.batch_size, world)
+            batch = [encode(train[i % len(train)], tokenizer, "cpu") for i in picks]
             count = sum(loss_mask[:, 1:].sum() for *_, loss_mask in batch).float().to(device)
             if ddp:
                 dist.all_reduce(count)  # the whole batch's, over all ranks

@@ -50,7 +50,8 @@ def photos():
 @pytest.fixture(scope="module")
 def one_thread():
     """The tiny models' tensors are too small to share between threads: on a busy machine a second
-    thread mostly waits for a core. Modules that generate or train take this; the rest keep the default."""
+    thread mostly waits for a core. Modules that generate or train take this; the rest keep the
+    default."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

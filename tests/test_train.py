@@ -2,6 +2,7 @@
 weighting, the held-out split, learning, resuming after a crash, what autograd records, gradient
 checkpointing, an official-layout checkpoint, the tiny run's backbone read by generate.py.
 The command line (torchrun, bad input) is in test_train_cli.py."""
+import copy
 import hashlib
 import json
 import random
@@ -111,9 +112,10 @@ def test_data_errors_name_file_and_line(tmp_path):
     cases = {  # the message -> a record that gives it
         "message content must be a string or a list of parts": {
             "images": ["a.png"], "messages": [{"role": "user", "content": 5}]},
-        "unknown role 'robot'": {"images": ["a.png"], "messages": [{"role": "robot", "content": "?"}]},
+        "unknown role 'robot'": {"images": ["a.png"],
+                                 "messages": [{"role": "robot", "content": "?"}]},
         "more image placeholders than images": {"messages": turns},
-        "1 image(s) more than image placeholders": {"images": ["a.png", "b.png"], "messages": turns},
+        "1 image(s) more than image placeholders": {"images": ["a", "b"], "messages": turns},
         'expected a list of turns under "conversations"': {"image": "a.png", "conversations": "?"},
         "images must be a path or a list of paths": {"images": [3], "messages": turns},
     }
@@ -202,7 +204,7 @@ def test_resume_after_a_crash_gives_the_same_weights(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_base(tmp_path_factory):
     """The tiny model with its gates opened (as after some training), and one built-in sample."""
     args = tiny_args(tmp_path_factory.mktemp("tiny"))
     model, tokenizer = train.build_model(args, None, "cpu", torch.float32), data.tiny_tokenizer()
@@ -212,6 +214,13 @@ def tiny(tmp_path_factory):
     held_out, samples, _ = data.load_data(None, tokenizer, args.max_len, args.seed,
                                           args.eval_samples, args.synthetic_samples)
     return model, train.encode(samples[0], tokenizer, "cpu")
+
+
+@pytest.fixture
+def tiny(tiny_base):
+    """A copy per test: tests switch modes and leave gradients, which must not reach the next."""
+    model, batch = tiny_base
+    return copy.deepcopy(model), batch
 
 
 def test_nothing_below_the_first_pvm_layer_is_in_the_graph(tiny):
