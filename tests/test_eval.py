@@ -259,6 +259,26 @@ def test_compare_sampled_runs(tmp_path, capsys, generated):
     assert alone["models"] == ["pvm"] and generated[8:] == generated[2:4]
     assert alone["macro"]["pvm"] == results["macro"]["pvm"]
 
+def test_a_checkpoint_in_batches(tiny_untied, tmp_path, generated):
+    """A checkpoint directory (the official layout and tokenizer): the same greedy replies one
+    prompt at a time and in one left-padded batch of prompts of different lengths."""
+    lines = []
+    for k, size in enumerate([(64, 64), (96, 64), (32, 128)]):
+        Image.new("RGB", size, (40 * k, 90, 200)).save(tmp_path / f"{k}.png")
+        lines.append({"images": [f"{k}.png"], "question": "Which colour?" + " Look." * k,
+                      "options": ["red", "blue"] if k < 2 else None, "answer": "B" if k < 2 else 2})
+    file = tmp_path / "bench.jsonl"
+    file.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    common = ["--model", str(tiny_untied), "--data", str(file), "--max-new-tokens", "6"]
+    for batch_size in ("1", "3"):
+        out = str(tmp_path / batch_size)
+        assert ev.cli([*common, "--batch-size", batch_size, "--out", out]) == 0
+    one, three = ((tmp_path / b / "predictions.jsonl").read_text() for b in ("1", "3"))
+    assert one == three
+    assert [len(rows) for rows in generated] == [1, 1, 1, 3]
+    assert sorted(rows[0] for rows in generated[:3]) == sorted(generated[3])
+    assert all(len(row) <= 6 for row in generated[3])
+
 # -----------------------------------------------------------------------------
 # bad input
 
