@@ -219,12 +219,12 @@ def respond(model, samples, tokenizer, args, name):
     stops, K, replies = set(model.config.eos_token_ids), args.samples, [[] for _ in samples]
     for start in tqdm(range(0, len(order), args.batch_size), desc=name, file=sys.stderr):
         batch = order[start:start + args.batch_size]
-        input_ids, attention_mask, pixel_values, grid = left_pad(
-            [encode_chat(tokenizer, prompt_messages(samples[i], args.post_prompt)) for i in batch])
-        rows = generate.generate_batch(
-            model, input_ids.to(args.device), attention_mask.to(args.device), pixel_values, grid,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, seed=args.seed + start, num_samples=K)
+        prompts = [encode_chat(tokenizer, prompt_messages(samples[i], args.post_prompt))
+                   for i in batch]
+        rows = generate.generate_batch(  # it moves the batch to the model's device
+            model, *left_pad(prompts), max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            seed=args.seed + start, num_samples=K)
         for row, ids in enumerate(rows):  # prompt 0's K replies, then prompt 1's, ...
             ids = ids[:-1] if ids and ids[-1] in stops else ids  # the stop token has no text
             replies[batch[row // K]].append((len(ids), tokenizer.decode(ids)))
