@@ -368,6 +368,21 @@ def write_checkpoint(path, tied: bool, seed: int = 0) -> Path:
     return path
 
 
+def edit_safetensors_header(path, edit) -> list[str]:
+    """Rewrite the JSON header of the safetensors file ``path`` by ``edit(header, names)``, the
+    data bytes unchanged; ``names`` lists its tensors in the order of their data. Returns names."""
+    path = Path(path)
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    names = sorted((k for k in header if k != "__metadata__"),
+                   key=lambda k: header[k]["data_offsets"][0])
+    edit(header, names)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length:])
+    return names
+
+
 # ---------------------------------------------------------------------------------------
 # Reference model and processor (transformers)
 # ---------------------------------------------------------------------------------------

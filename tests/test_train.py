@@ -91,7 +91,7 @@ def test_loss_mask_is_exactly_the_replies_in_both_formats(tmp_path):
               "<|im_start|>assistant\n\n<|im_start|>user\nColour?<|im_end|>\n"
               "<|im_start|>assistant\n\n")
     for sample in data.read_jsonl(tmp_path / "data.jsonl"):
-        input_ids, _, _, mask = train.encode(sample, tokenizer, "cpu")
+        input_ids, _, _, mask = load_qwen.encode_chat_for_training(tokenizer, sample[0])
         decode = lambda ids: tokenizer.decode(ids.tolist(), skip_special_tokens=False)
         assert decode(input_ids[mask]) == "A square.<|im_end|>Red.<|im_end|>"
         assert decode(input_ids[~mask]) == prompt
@@ -142,7 +142,8 @@ def test_an_accumulated_step_takes_the_mean_over_all_reply_tokens(tmp_path, monk
     model, tokenizer = train.build_model(args, None, "cpu", torch.float32), data.tiny_tokenizer()
     losses = []  # per token, of both samples
     for sample in data.read_jsonl(path):
-        input_ids, pixel_values, grid, mask = train.encode(sample, tokenizer, "cpu")
+        input_ids, pixel_values, grid, mask = load_qwen.encode_chat_for_training(tokenizer,
+                                                                                 sample[0])
         logits = model.train()(input_ids, pixel_values, grid)  # (1, T, V)
         predicts = mask[:, 1:]  # position t predicts token t + 1
         target = input_ids[:, 1:][predicts]
@@ -213,7 +214,7 @@ def tiny_base(tmp_path_factory):
             model.layers[i].pvm_block.gate_alpha.fill_(0.5)
     held_out, samples, _ = data.load_data(None, tokenizer, args.max_len, args.seed,
                                           args.eval_samples, args.synthetic_samples)
-    return model, train.encode(samples[0], tokenizer, "cpu")
+    return model, load_qwen.encode_chat_for_training(tokenizer, samples[0][0])
 
 
 @pytest.fixture
@@ -281,7 +282,7 @@ def test_the_tiny_run_writes_a_backbone_that_generate_reads(tmp_path):
     assert model.layers[1].pvm_block.gate_alpha.item() != 0
     loaded = load_qwen.load_model(out / "backbone", pvm_file=out / "pvm.safetensors")
     sample = data.synthetic_sample(random.Random(7))
-    batch = train.encode((sample, "test"), data.tiny_tokenizer(), "cpu")[:3]
+    batch = load_qwen.encode_chat_for_training(data.tiny_tokenizer(), sample)[:3]
     with torch.no_grad():
         assert torch.equal(loaded(*batch), model(*batch))
     Image.new("RGB", (48, 40), "blue").save(tmp_path / "blue.png")
