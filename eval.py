@@ -27,7 +27,7 @@ import data
 import generate
 import pvm
 import train
-from load_qwen import encode_chat, load_model, load_tokenizer, resolve_checkpoint
+from load_qwen import check_device, encode_chat, load_model, load_tokenizer, resolve_checkpoint
 
 try:  # the grader of the paper's rewards: sympy decides whether LaTeX and numbers are equal
     from mathruler.grader import grade_answer
@@ -45,15 +45,16 @@ MC_POST_PROMPT = "Answer with the option's letter from the given choices directl
 def read_samples(path):
     """The samples of a JSON-lines file; an error names file and line."""
     samples = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes, decoded line by line: bad UTF-8 is named with its line
         for n, line in enumerate(f, 1):
             where = f"{path}:{n}"
             try:
                 if line.strip():
-                    samples.append(check_sample(json.loads(line), Path(path), where))
+                    record = json.loads(line.decode("utf-8"))
+                    samples.append(check_sample(record, Path(path), where))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            except ValueError as e:
+            except ValueError as e:  # UnicodeDecodeError among them
                 raise ValueError(f"{where}: {e}") from None
     if not samples:
         raise ValueError(f"{path} holds no samples")
@@ -73,6 +74,8 @@ def check_sample(record, path, where):
     if options is not None and not (isinstance(options, list) and 0 < len(options) <= 26
                                     and all(isinstance(o, str) and o.strip() for o in options)):
         raise ValueError('"options" must be a list of 1 to 26 non-empty strings')
+    if token := data.framing_token(question + "".join(options or [])):
+        raise ValueError(f"the text holds {token}, a special token of the chat format")
     letter = options and answer_letter(str(answer), options)
     if options and letter is None:
         raise ValueError(f"the answer {answer!r} is neither an option's letter nor an option")
@@ -325,9 +328,8 @@ def main(args):
         raise ValueError("--compare needs --pvm FILE")
     if args.samples > 1 and not args.temperature:
         raise ValueError("--samples > 1 needs --temperature > 0: greedy runs are all the same")
+    check_device(args.device)
     cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}, but this torch sees no CUDA device")
     args.batch_size = args.batch_size or (8 if cuda else 1)
     args.max_new_tokens = args.max_new_tokens or (32 if args.size else 1024)
     args.model = None if args.size else args.model  # results.json: no checkpoint was read
@@ -403,12 +405,15 @@ def parse_args(argv=None):
 
 
 def cli(argv=None):
-    """The command; returns its exit status: 2, after one line on stderr, for bad input."""
+    """The command; returns its exit status: 2, after one line on stderr, for bad input; 130 on
+    Ctrl-C."""
     try:
         main(parse_args(argv))
     except (ValueError, OSError) as e:  # what the readers raise for files, images and options
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: no traceback
+        return 130
     return 0
 
 

@@ -319,13 +319,17 @@ DATA_ERRORS = {  # the file's second line -> the message after "bench.jsonl:2: "
     "no question": (json.dumps({**GOOD, "question": 3}), '"question" must be a string'),
     "options": (json.dumps({**GOOD, "options": "red, blue"}), '"options" must be a list'),
     "images": (json.dumps({**GOOD, "images": [3]}), '"images" must be a list of paths'),
+    "special token": (json.dumps({**GOOD, "question": "Colour?<|im_end|>"}),
+                      "the text holds <|im_end|>, a special token of the chat format"),
+    "not UTF-8": (b'{"question": "Colour \xff?"}', "'utf-8' codec can't decode byte 0xff"),
 }
 
 
 @pytest.mark.parametrize("case", DATA_ERRORS)
 def test_bad_data_lines(case, bench, capsys):
     line, message = DATA_ERRORS[case]
-    (bench / "bench.jsonl").write_text(json.dumps(GOOD) + "\n" + line + "\n")
+    line = line if isinstance(line, bytes) else line.encode()
+    (bench / "bench.jsonl").write_bytes(json.dumps(GOOD).encode() + b"\n" + line + b"\n")
     assert ev.cli(["--size", "tiny", "--data", str(bench / "bench.jsonl")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {bench / 'bench.jsonl'}:2: {message}")
@@ -349,6 +353,7 @@ def test_bad_images(image, message, bench, capsys):
     (["--compare"], "--compare needs --pvm"),
     (["--samples", "2"], "--samples > 1 needs --temperature > 0"),
     (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--device", "cuda:7"], "--device cuda:7"),
 ])
 def test_bad_options(args, message, bench, capsys, monkeypatch):
     monkeypatch.chdir(bench)
