@@ -1,14 +1,16 @@
 """
 Describe images with Qwen3-VL: one prefill over the whole prompt (the vision tower runs once),
-then one token at a time with the preallocated KV cache, the text streamed as it is chosen.
+then one token at a time with a KV cache that grows with the answer, the text streamed as it is
+chosen.
 
     python generate.py --image cat.jpg
     python generate.py --image a.jpg --image b.jpg --prompt "What differs?" --temperature 0
     python generate.py --image cat.jpg --report report.png      # also writes report.json
 
 `generate(...)` is the loop on its own, a Python generator of token ids, for notebooks and
-bench.py; the rest is the command line around it (what --report draws is in report.py).
-Left out on purpose: batches, beam search, repetition penalties, video.
+bench.py; `generate_batch(...)` answers a batch of prompts (`left_pad` makes one), several times
+each if asked (GRPO groups, pass@k); the rest is the command line around them (what --report
+draws is in report.py). Left out on purpose: beam search, repetition penalties, video.
 """
 import argparse
 import contextlib
@@ -46,85 +48,157 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     return indices.gather(-1, rank).squeeze(-1)                                # (B,)
 
 
-def decode_step(model, token, cache):
-    """Logits (1, V) of the token after `token` (1, 1), whose keys and values join the cache.
-    Fixed shapes and only device-side state (model.KVCache): it can be compiled or recorded once."""
-    return model.lm_head(model.hidden_states(token, cache=cache)[:, -1])
+def decode_step(model, tokens, cache):
+    """Logits (B, V) of the tokens after `tokens` (B, 1), whose keys and values join the cache.
+    Fixed shapes and only device-side state (model.KVCache): it can be compiled or recorded once
+    for each size of the cache."""
+    return model.lm_head(model.hidden_states(tokens, cache=cache)[:, -1])
 
 
 class CUDAGraphStep:
-    """A decoding step recorded once as a CUDA graph and replayed: one launch in place of the
-    step's kernels (over a thousand for the 4B), whose one-by-one launching is what bounds the
-    speed of a model at batch 1. PyTorch's recipe (torch.cuda.graph): warm up on a side stream,
-    record into fixed input and output tensors, replay. A step writes the cache, so every call
-    decodes one real token: the first is the warm-up (and compiles, under torch.compile)."""
+    """A decoding step recorded as a CUDA graph and replayed: one launch in place of the step's
+    kernels (over a thousand for the 4B), whose one-by-one launching is what bounds the speed of
+    a model at small batches. PyTorch's recipe (torch.cuda.graph): warm up on a side stream,
+    record into fixed input and output tensors, replay. A graph holds the addresses of the
+    cache's tensors, so each capacity of the cache (KVCache.reserve) gets its own: its first step
+    is the warm-up (and compiles, under torch.compile), its second records. A step writes the
+    cache, so every call decodes one real token."""
 
-    def __init__(self, step):
-        self.step = step  # token (1, 1) -> logits (1, V)
-        self.graph, self.calls = torch.cuda.CUDAGraph(), 0
+    def __init__(self, step, cache):
+        self.step, self.cache = step, cache  # tokens (B, 1) -> logits (B, V)
+        self.capacity, self.graph = None, None
 
-    def __call__(self, token):
-        self.calls += 1
-        if self.calls == 1:  # the warm-up: eagerly, on a side stream
+    def __call__(self, tokens):
+        if self.cache.capacity != self.capacity:  # the first step, or the cache grew: warm up
+            self.capacity, self.graph = self.cache.capacity, None  # the old graph is done with
             side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())  # after the prefill's writes
+            side.wait_stream(torch.cuda.current_stream())  # after the prefill's or growth's writes
             with torch.cuda.stream(side):
-                logits = self.step(token)
+                logits = self.step(tokens)
             torch.cuda.current_stream().wait_stream(side)
             return logits
-        if self.calls == 2:  # record, which runs nothing: the replay below decodes the token
-            self.token = token.clone()
+        if self.graph is None:  # record, which runs nothing: the replay below decodes the token
+            self.graph, self.tokens = torch.cuda.CUDAGraph(), tokens.clone()
             with torch.cuda.graph(self.graph):
-                self.logits = self.step(self.token)
+                self.logits = self.step(self.tokens)
         else:
-            self.token.copy_(token)
-        self.graph.replay()  # reads self.token, refills self.logits in place
+            self.tokens.copy_(tokens)
+        self.graph.replay()  # reads self.tokens, refills self.logits in place
         return self.logits
 
 
+def checked_length(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
+                   num_samples):
+    """max_new_tokens, cut to what the context leaves; a ValueError for what cannot be done."""
+    T, context = input_ids.size(1), model.config.max_position_embeddings
+    bad_options = (temperature < 0 or max_new_tokens < 1 or num_samples < 1
+                   or top_p is not None and not 0 < top_p <= 1
+                   or top_k is not None and top_k < 0)
+    if bad_options:
+        raise ValueError("need temperature >= 0, 0 < top-p <= 1, top-k >= 0, max-new-tokens >= 1 "
+                         f"and num_samples >= 1; got {temperature}, {top_p}, {top_k}, "
+                         f"{max_new_tokens}, {num_samples}")
+    if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+        raise ValueError("pad the prompts on the left: every row's last token must be real")
+    if T >= context:
+        n_image = int((input_ids == model.config.image_token_id).sum())
+        raise ValueError(f"the prompt is {T} tokens ({n_image} from images), over the model's "
+                         f"context of {context}: use smaller or fewer images, or a shorter prompt")
+    return min(max_new_tokens, context - T)  # the answer must fit the context too
+
+
 @torch.inference_mode()  # as no_grad, and lighter on each of the many small decoding ops
+def decode(model, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens,
+           temperature, top_k, top_p, seed, num_samples, stop_tokens, compile, cuda_graph):
+    """The loop of generate and generate_batch: yield the tokens (B*G,) chosen at each step for
+    the prompts input_ids (B, T), left-padded, G = num_samples rows per prompt, until every row
+    has chosen a stop token or max_new_tokens have been chosen."""
+    B, T = input_ids.shape
+    max_new_tokens = checked_length(model, input_ids, attention_mask, max_new_tokens,
+                                    temperature, top_k, top_p, num_samples)
+    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    stop_tokens = torch.tensor(stop_tokens, dtype=torch.long, device=device)
+    # a seed reproduces the sampled answers; without one, a fresh seed (not torch's global one)
+    seed = random.randrange(2**63) if seed is None else seed
+    generator = torch.Generator(device).manual_seed(seed)
+    # room for the prompt and one token; reserve() below makes more as the answers grow
+    cache = KVCache(model.config, B, T + max_new_tokens, device, dtype, capacity=T + 1)
+    if pixel_values is not None:
+        pixel_values, image_grid_thw = pixel_values.to(device), image_grid_thw.to(device)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+    # compiled once, for every batch size and capacity: the sizes are symbols in the graph
+    step = torch.compile(decode_step, fullgraph=True, dynamic=True) if compile else decode_step
+    next_logits = partial(step, model, cache=cache)  # tokens (B*G, 1) -> logits (B*G, V)
+    if cuda_graph and device.type == "cuda":  # the CPU path never records
+        next_logits = CUDAGraphStep(next_logits, cache)
+    hidden = model.hidden_states(input_ids.to(device), pixel_values, image_grid_thw,
+                                 attention_mask, cache)                  # (B, T, D)
+    logits = model.lm_head(hidden[:, -1])  # (B, V): the last position chooses, real in every row
+    if num_samples > 1:  # G answers to each prompt from its one prefill: the cache's rows copied
+        cache.repeat_rows(num_samples)
+        logits = logits.repeat_interleave(num_samples, dim=0)            # (B*G, V)
+    stopped = torch.zeros(len(logits), dtype=torch.bool, device=device)  # (B*G,)
+    for n in range(1, max_new_tokens + 1):
+        tokens = sample(logits, temperature, top_k, top_p, generator)   # (B*G,)
+        yield tokens
+        stopped |= torch.isin(tokens, stop_tokens)  # a stopped row decodes on, unread
+        if n == max_new_tokens or bool(stopped.all()):  # no step whose logits go unused
+            return
+        cache.reserve(T + n)  # this step writes the n-th new token at slot T + n - 1
+        logits = next_logits(tokens[:, None])  # (B*G, 1) in, (B*G, V) out
+
+
 def generate(model, input_ids, pixel_values=None, image_grid_thw=None, max_new_tokens=256,
              temperature=0.0, top_k=None, top_p=None, seed=None, stop_tokens=None, compile=False,
              cuda_graph=True):
     """Yield each new token id (an int) as soon as it is chosen, for one prompt input_ids (1, T);
     stop after a stop token (yielded; by default the checkpoint's eos_token_id) or after
     max_new_tokens. `compile` runs the decoding step through torch.compile; on a CUDA device
-    `cuda_graph` records it once and replays it for every later token (CUDAGraphStep)."""
-    (B, T), context = input_ids.shape, model.config.max_position_embeddings
-    if B != 1:
-        raise ValueError(f"generate takes one prompt, got a batch of {B}")
-    bad_sampling = (temperature < 0
-                    or top_p is not None and not 0 < top_p <= 1
-                    or top_k is not None and top_k < 0)
-    if bad_sampling:
-        raise ValueError("need temperature >= 0, 0 < top-p <= 1, top-k >= 0; "
-                         f"got {temperature}, {top_p}, {top_k}")
-    if T >= context:
-        n_image = int((input_ids == model.config.image_token_id).sum())
-        raise ValueError(f"the prompt is {T} tokens ({n_image} from images), over the model's "
-                         f"context of {context}: use smaller or fewer images, or a shorter prompt")
-    max_new_tokens = min(max_new_tokens, context - T)  # the answer must fit the context too
+    `cuda_graph` records it and replays it for every later token (CUDAGraphStep)."""
+    if input_ids.size(0) != 1:
+        raise ValueError(f"generate takes one prompt, got a batch of {input_ids.size(0)}: "
+                         "see generate_batch")
     stop_tokens = model.config.eos_token_ids if stop_tokens is None else stop_tokens
-    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
-    # a seed reproduces the sampled answer; without one, a fresh seed (not torch's global one)
-    seed = random.randrange(2**63) if seed is None else seed
-    generator = torch.Generator(device).manual_seed(seed)
-    cache = KVCache(model.config, B, T + max_new_tokens, device, dtype)  # all the room, at once
-    if pixel_values is not None:
-        pixel_values, image_grid_thw = pixel_values.to(device), image_grid_thw.to(device)
-    step = torch.compile(decode_step, fullgraph=True) if compile else decode_step  # compiled once
-    next_logits = partial(step, model, cache=cache)  # token (1, 1) -> logits (1, V)
-    if cuda_graph and device.type == "cuda":  # the CPU path never records
-        next_logits = CUDAGraphStep(next_logits)
-    hidden = model.hidden_states(input_ids.to(device), pixel_values, image_grid_thw, cache=cache)
-    logits = model.lm_head(hidden[:, -1])  # (1, T, D) -> (1, V): the last position chooses
-    for n in range(1, max_new_tokens + 1):
-        token = sample(logits, temperature, top_k, top_p, generator)  # (1,)
-        token_id = token.item()  # waits for the device: the caller needs the id anyway
-        yield token_id
-        if token_id in stop_tokens or n == max_new_tokens:  # no step whose logits go unused
-            return
-        logits = next_logits(token[:, None])  # (1, 1) in, (1, V) out
+    for tokens in decode(model, input_ids, None, pixel_values, image_grid_thw, max_new_tokens,
+                         temperature, top_k, top_p, seed, 1, stop_tokens, compile, cuda_graph):
+        yield tokens.item()  # waits for the device: the caller needs the id anyway
+
+
+def generate_batch(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                   max_new_tokens=256, temperature=0.0, top_k=None, top_p=None, seed=None,
+                   num_samples=1, stop_tokens=None, compile=False, cuda_graph=True):
+    """Answers to B prompts input_ids (B, T) at once, left-padded as attention_mask (B, T) says
+    (the reference processor's padding; the images of every row in order in pixel_values):
+    a list of B * num_samples lists of token ids, each ending after its first stop token or at
+    max_new_tokens; prompt 0's num_samples answers first, then prompt 1's. The answers to one
+    prompt share its prefill, so the vision tower sees each image once. Options as generate's."""
+    stop_tokens = model.config.eos_token_ids if stop_tokens is None else stop_tokens
+    steps = list(decode(model, input_ids, attention_mask, pixel_values, image_grid_thw,
+                        max_new_tokens, temperature, top_k, top_p, seed, num_samples, stop_tokens,
+                        compile, cuda_graph))
+    answers = []
+    for row in torch.stack(steps, dim=1).tolist():                       # (B*G, n)
+        end = next((i + 1 for i, token in enumerate(row) if token in stop_tokens), len(row))
+        answers.append(row[:end])
+    return answers
+
+
+def left_pad(prompts, pad_id=0):
+    """Several prompts, each encode_chat's (input_ids (1, T_b), pixel_values, image_grid_thw), as
+    one batch for generate_batch: input_ids and attention_mask (B, T) padded on the left (pad_id
+    is never read), and the images of every row in order (None where no prompt has one)."""
+    B, T = len(prompts), max(ids.size(1) for ids, _, _ in prompts)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    for b, (ids, _, _) in enumerate(prompts):
+        input_ids[b, T - ids.size(1):] = ids[0]
+        attention_mask[b, T - ids.size(1):] = 1
+    images = [(pixels, grid) for _, pixels, grid in prompts if pixels is not None]
+    if not images:
+        return input_ids, attention_mask, None, None
+    pixel_values, image_grid_thw = (torch.cat(parts) for parts in zip(*images))
+    return input_ids, attention_mask, pixel_values, image_grid_thw
 
 
 def parse_args(argv=None):

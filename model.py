@@ -296,25 +296,34 @@ def place_image(x, is_image, image_embeds):
 # -----------------------------------------------------------------------------
 # the KV cache: the machinery that makes decoding fast
 
-class KVCache:
-    """Keys and values of every layer, allocated once for `max_len` tokens and written in place.
-    `start` takes the prompt (slots 0..T-1, attended to alone); each later forward calls
-    `extend`, which writes at slots counted on the device and attends over the whole cache under
-    a mask of the real keys. Decoding then has fixed shapes and no Python-side state, so one
-    CUDA graph or one torch.compile serves every step."""
+def bucket(n, most):
+    """Cache slots for n tokens: the next power of two, so that a step attends over fewer than
+    twice the keys it needs and a growing cache is copied log2(n) times; at least 8 (SDPA then
+    takes the mask uncopied), at most `most`."""
+    return min(max(8, 1 << (n - 1).bit_length()), most)
 
-    def __init__(self, config, batch_size, max_len, device, dtype):
-        max_len = -(-max_len // 8) * 8  # whole rows of 8: SDPA then takes the mask uncopied
-        shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
+
+class KVCache:
+    """Keys and values of every layer, up to `max_len` tokens, written in place into `capacity`
+    slots (by default all of them at once) that `reserve` grows as an answer grows.
+    `start` takes the prompt (slots 0..T-1, attended to alone); each later forward calls
+    `extend`, which writes at slots counted on the device and attends over every slot under a
+    mask of the real keys. While the capacity stays the same, decoding has fixed shapes and no
+    Python-side state, so one CUDA graph or one torch.compile serves every step."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype, capacity=None):
+        self.max_len = -(-max_len // 8) * 8  # whole rows of 8: SDPA then takes the mask uncopied
+        self.capacity = bucket(capacity or max_len, self.max_len)
+        shape = (config.num_layers, batch_size, config.num_kv_heads, self.capacity, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # per-layer views
-        self.max_len, self.groups = max_len, config.num_heads // config.num_kv_heads
-        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.key_mask = torch.zeros(batch_size, self.capacity, dtype=torch.bool, device=device)
+        self.groups = config.num_heads // config.num_kv_heads
         self.length = 0              # tokens written, counted in Python (eager calls only)
         self.filled = None           # (1,) the same count on the device; None before the prompt
         self.slots = None            # (T,) the slots the current forward writes
-        self.attended = None         # keys attended to: the prompt's, then the whole cache
+        self.attended = None         # keys attended to: the prompt's, then every slot
         self.next_position = None    # (B,) rotary position of the next token
         self.pvm_bank = None         # (bank, bank_mask) of PVM, taken at the prompt
 
@@ -323,8 +332,8 @@ class KVCache:
 
     def start(self, T, attention_mask, next_position):
         """Take a prompt of T tokens: its keys go to slots 0..T-1, its real ones marked."""
-        if T > self.max_len:
-            raise ValueError(f"the KV cache holds {self.max_len} tokens, the prompt is {T}")
+        if T > self.capacity:
+            raise ValueError(f"the KV cache holds {self.capacity} tokens, the prompt is {T}")
         self.key_mask[:, :T] = True if attention_mask is None else attention_mask.bool()
         self.slots = torch.arange(T, device=self.key_mask.device)
         self.filled = torch.tensor([T], device=self.key_mask.device)
@@ -332,13 +341,14 @@ class KVCache:
 
     def extend(self, T, dtype):
         """Make room for T new tokens: their slots, rotary positions (3, B, T) and additive mask
-        (B, 1, g*T, max_len). Everything advances in place on the device, so that a recorded
+        (B, 1, g*T, capacity). Everything advances in place on the device, so that a recorded
         CUDA graph advances too on every replay."""
         if not torch.compiler.is_compiling():  # a clear error where Python runs the step
+            if self.length + T > self.capacity:
+                grow = "" if self.capacity == self.max_len else "; reserve() makes room"
+                raise ValueError(f"the KV cache holds {self.capacity} tokens; "
+                                 f"{self.length + T} do not fit{grow}")
             self.length += T
-            if self.length > self.max_len:
-                raise ValueError(f"the KV cache holds {self.max_len} tokens; "
-                                 f"{self.length} do not fit")
         B, new = self.key_mask.size(0), torch.arange(T, device=self.key_mask.device)
         self.slots = self.filled + new                                       # (T,)
         self.key_mask.index_fill_(1, self.slots, True)
@@ -346,13 +356,42 @@ class KVCache:
         mask = causal_mask(self.key_mask, self.slots, self.groups, dtype)    # (B, 1, g*T, S)
         self.filled += T
         self.next_position += T
-        self.attended = self.max_len
+        self.attended = self.capacity
         return positions, mask
 
     def update(self, layer, k, v):
         """Write this forward's keys and values (B, nkv, T, hd) at their slots; return the ones
-        to attend over (B, nkv, S, hd): the prompt's alone, or the whole cache (masked)."""
-        k_all, v_all = self.k_layers[layer], self.v_layers[layer]           # (B, nkv, max, hd)
+        to attend over (B, nkv, S, hd): the prompt's alone, or every slot (masked)."""
+        k_all, v_all = self.k_layers[layer], self.v_layers[layer]           # (B, nkv, cap, hd)
         k_all.index_copy_(2, self.slots, k)
         v_all.index_copy_(2, self.slots, v)
         return k_all[:, :, :self.attended], v_all[:, :, :self.attended]
+
+    def reserve(self, length):
+        """Make room for `length` tokens in all. Where they do not fit, move everything into
+        bucket(length) slots: the steps that follow attend over fewer than twice the keys they
+        need, and memory grows with the answer, not with its cap. The caller keeps the count in
+        Python (reading `filled` would wait for the device); new tensors need a new CUDA graph."""
+        if length <= self.capacity:
+            return
+        if length > self.max_len:
+            raise ValueError(f"the KV cache holds at most {self.max_len} tokens; "
+                             f"{length} do not fit")
+        extra = bucket(length, self.max_len) - self.capacity
+        self.capacity += extra
+        self.k_layers = self.v_layers = None  # the old views: then each old tensor goes once copied
+        self.k = F.pad(self.k, (0, 0, 0, extra))                   # (L, B, nkv, capacity, hd)
+        self.v = F.pad(self.v, (0, 0, 0, extra))                   # (L, B, nkv, capacity, hd)
+        self.key_mask = F.pad(self.key_mask, (0, extra))           # (B, capacity): new slots empty
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
+
+    def repeat_rows(self, times):
+        """Copy each row `times` times, in place of the prompt's one (row b becomes rows
+        b*times .. b*times + times - 1): after a prefill of B prompts, several answers to each."""
+        self.k = self.k.repeat_interleave(times, dim=1)            # (L, B*times, nkv, cap, hd)
+        self.v = self.v.repeat_interleave(times, dim=1)            # (L, B*times, nkv, cap, hd)
+        self.key_mask = self.key_mask.repeat_interleave(times, dim=0)          # (B*times, cap)
+        self.next_position = self.next_position.repeat_interleave(times)       # (B*times,)
+        if self.pvm_bank is not None:  # (B*times, Nv, D) and (B*times, Nv)
+            self.pvm_bank = tuple(t.repeat_interleave(times, dim=0) for t in self.pvm_bank)
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
