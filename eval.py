@@ -35,7 +35,7 @@ try:  # the grader of the paper's rewards: sympy decides whether LaTeX and numbe
 except ImportError:  # mathruler, or the pylatexenc it imports, is not installed
     grade_answer, GRADER = None, "normalised exact match (pip install mathruler pylatexenc)"
 
-PAD_ID = 151643  # <|endoftext|>, the official tokenizer's pad token
+PAD_ID = 151643  # <|endoftext|>, the official tokenizer's pad token (never read: masked)
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 MC_POST_PROMPT = "Answer with the option's letter from the given choices directly."
 
@@ -197,23 +197,6 @@ def score(response, sample):
 # -----------------------------------------------------------------------------
 # generation
 
-def left_pad(encoded):
-    """encode_chat's outputs [(input_ids (1, T_i), pixel_values, grid)] -> input_ids (B, T)
-    padded on the left, attention_mask (B, T), the pixel values of all images in row order and
-    their grids (images, 3) (None, None without images): what generate_batch takes."""
-    T = max(ids.size(1) for ids, _, _ in encoded)
-    input_ids = torch.full((len(encoded), T), PAD_ID, dtype=torch.long)
-    attention_mask = torch.zeros(len(encoded), T, dtype=torch.long)
-    for row, (ids, _, _) in enumerate(encoded):
-        input_ids[row, T - ids.size(1):] = ids[0]
-        attention_mask[row, T - ids.size(1):] = 1
-    pixels = [pixel_values for _, pixel_values, _ in encoded if pixel_values is not None]
-    grids = [grid for _, _, grid in encoded if grid is not None]
-    if not pixels:
-        return input_ids, attention_mask, None, None
-    return input_ids, attention_mask, torch.cat(pixels), torch.cat(grids)
-
-
 def respond(model, samples, tokenizer, args, name):
     """Each sample's --samples replies as (generated tokens, text), in the samples' order. A
     batch holds prompts of similar length (little padding), the longest first (a batch too big
@@ -225,7 +208,7 @@ def respond(model, samples, tokenizer, args, name):
         prompts = [encode_chat(tokenizer, prompt_messages(samples[i], args.post_prompt))
                    for i in batch]
         rows = generate.generate_batch(  # it moves the batch to the model's device
-            model, *left_pad(prompts), max_new_tokens=args.max_new_tokens,
+            model, *generate.left_pad(prompts, PAD_ID), max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             seed=args.seed + start, num_samples=K)
         for row, ids in enumerate(rows):  # prompt 0's K replies, then prompt 1's, ...

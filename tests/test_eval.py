@@ -1,4 +1,4 @@
-"""eval.py: scoring on real reply shapes, prompts, padding, the figures, the tiny model end to end
+"""eval.py: scoring on real reply shapes, prompts, the figures, the tiny model end to end
 (with and without PVM, one run and sampled runs), and every bad input."""
 import json
 
@@ -114,18 +114,6 @@ def test_builtin_samples_keep_their_prompt():
     assert sample["options"] in (list(data.COLORS), list(data.SHAPES))
     assert ev.score(messages[1]["content"], sample)
     assert ev.score(sample["options"][ord(messages[1]["content"]) - ord("A")], sample)
-
-
-def test_left_pad():
-    a = (torch.tensor([[1, 2, 3]]), torch.ones(4, 1536), torch.tensor([[1, 2, 2]]))
-    b = (torch.tensor([[4]]), None, None)
-    c = (torch.tensor([[5, 6]]), torch.zeros(8, 1536), torch.tensor([[1, 2, 4]]))
-    input_ids, mask, pixels, grid = ev.left_pad([a, b, c])
-    assert input_ids.tolist() == [[1, 2, 3], [ev.PAD_ID] * 2 + [4], [ev.PAD_ID, 5, 6]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
-    assert pixels.shape == (12, 1536) and pixels[:4].eq(1).all() and pixels[4:].eq(0).all()
-    assert grid.tolist() == [[1, 2, 2], [1, 2, 4]]
-    assert ev.left_pad([b])[2:] == (None, None)
 
 
 def test_figures_by_benchmark_length_and_bootstrap():
