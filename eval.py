@@ -12,7 +12,7 @@ and how the difference changes with the length of the answer (the paper's claim:
 Prompts as lmms-eval writes them, verdicts by `score`. The table goes to stdout, every figure to
 --out/results.json, every reply to --out/predictions.jsonl. Left out on purpose: downloading and
 converting benchmarks, LLM judges, lmms-eval's random letter for a reply it cannot parse (wrong
-here), several GPUs.
+here), images placed inside the question (MMMU's <image 1>: all images come first), several GPUs.
 """
 import argparse
 import json
