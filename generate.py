@@ -127,6 +127,27 @@ def generate(model, input_ids, pixel_values=None, image_grid_thw=None, max_new_t
         logits = next_logits(token[:, None])  # (1, 1) in, (1, V) out
 
 
+def generate_batch(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                   max_new_tokens=256, temperature=0.0, top_k=None, top_p=None, seed=None,
+                   num_samples=1):
+    """Temporary stand-in until the batched loop lands: each row on its own through generate."""
+    rows, image, pixel = [], 0, 0
+    for b in range(input_ids.size(0)):
+        ids = input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()]
+        n_images = int((ids == 151652).sum())  # <|vision_start|>
+        grid = pixels = None
+        if n_images:
+            grid = image_grid_thw[image:image + n_images]
+            n_pixels = int(grid.prod(dim=1).sum())
+            pixels = pixel_values[pixel:pixel + n_pixels]
+            image, pixel = image + n_images, pixel + n_pixels
+        for k in range(num_samples):
+            row_seed = None if seed is None else seed + b * num_samples + k
+            rows.append(list(generate(model, ids[None], pixels, grid, max_new_tokens, temperature,
+                                      top_k, top_p, row_seed)))
+    return rows
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Describe images with Qwen3-VL, answer to stdout.")
     p.add_argument("--model", default="Qwen/Qwen3-VL-4B-Instruct", help="checkpoint dir or hub id")
