@@ -1,6 +1,7 @@
 """
 What the model does with the image while generate.py decodes, measured from inside the forward
-passes by hooks and drawn by `generate.py --report FILE.png`:
+passes by hooks: for one answer by `generate.py --report FILE.png`, pooled over every answer to a
+benchmark by `eval.py --analysis`.
 
     AttentionReport    records, at every generated token and in every decoder layer, the attention
                        that the choosing query puts on the image, |PVM| / |FFN| at PVM layers,
@@ -8,6 +9,8 @@ passes by hooks and drawn by `generate.py --report FILE.png`:
     convergence_layer  the first layer from which the lens keeps the chosen token on top
     check_report       refuses a --report that could not be written, before the model loads
     report_figure      draws one answer's numbers; write_report saves the figure and the JSON
+    analysis_record    one answer's numbers in short; analysis_buckets pools many by position,
+                       analysis_figure draws them
 
 Two claims of the paper: the image's share of attention thins as the answer grows (dilution),
 and PVM makes the next token settle in earlier layers (prediction convergence).
@@ -90,15 +93,20 @@ class AttentionReport:
         chose each token -> under each layer's lens, the chosen token's probability, its rank
         (1: the likeliest) and the lens's top-1: three (N, layers) tensors. At the last layer
         the lens is the model's own next-token distribution."""
-        prob, rank, top1 = [], [], []
-        for n, token in enumerate(tokens):  # a step at a time: (N * layers, V) may not fit
-            h = torch.stack([steps[n] for steps in self.output])        # (layers, D)
-            logits = self.head(self.norm(h)).float()                    # (layers, V)
-            chosen = logits[:, token, None]                             # (layers, 1)
+        h = torch.stack([torch.stack(steps) for steps in self.output], dim=1)    # (N, layers, D)
+        N, layers, _ = h.shape
+        rows = h.flatten(0, 1)                                                  # (N * layers, D)
+        token = torch.tensor(tokens, device=h.device).repeat_interleave(layers)  # (N * layers,)
+        # rows at a time: one pass over the head's weights serves many, and the logits of
+        # all N * layers rows (N * layers, V) may not fit; 2^24 floats are 64 MiB
+        step, prob, rank, top1 = max(1, 2**24 // self.head.out_features), [], [], []
+        for start in range(0, len(rows), step):
+            logits = self.head(self.norm(rows[start:start + step])).float()     # (step, V)
+            chosen = logits.gather(1, token[start:start + step, None])          # (step, 1)
             prob.append((chosen - logits.logsumexp(-1, keepdim=True)).exp()[:, 0])
             rank.append((logits > chosen).sum(-1) + 1)
             top1.append(logits.argmax(-1))
-        return torch.stack(prob), torch.stack(rank), torch.stack(top1)
+        return [torch.cat(x).view(N, layers) for x in (prob, rank, top1)]
 
     def summary(self, tokens):
         """The raw numbers of report.json; the lists are indexed [generated token][layer]."""
@@ -176,7 +184,7 @@ def plot_shares(ax, x, shares, dilution):
     for name, share in shares.items():
         ax.plot(x, share, label=name)
     ax.plot(x, dilution, "k--", label="1 / length, from the first token")
-    ax.set(ylabel="attention share on the image", xscale="log", ylim=(0, None))
+    ax.set(ylabel="attention share on the image", xscale="log")
     ax.legend()
 
 
@@ -213,6 +221,7 @@ def report_figure(numbers):
                  ha="center", va="center")
         top.set(ylabel="attention share on the image", xscale="log",
                 title=f"no image in the prompt of {numbers['prompt_tokens']} tokens")
+    top.set_ylim(0, None)  # once the lines are drawn: the top then fits them
     if len(pvm):
         for j, layer in enumerate(numbers["pvm_layers"]):
             axes[1].plot(x, pvm[:, j], label=f"PVM at layer {layer}")
@@ -238,3 +247,68 @@ def write_report(numbers, path):
     Path(path).with_suffix(".json").write_text(json.dumps(numbers) + "\n")
     report_figure(numbers).savefig(path, dpi=120)
 
+
+def number(x):
+    """A float for JSON, NaN (a bucket without such tokens) as null."""
+    return None if x != x else x
+
+
+def analysis_record(numbers):
+    """One answer's report in short, for eval.py --analysis: the image share of each third of the
+    decoder (N, thirds), what its 1/length reference needs, and the convergence layers (N,)."""
+    share = torch.tensor(numbers["image_share"])                                  # (N, layers)
+    thirds = layer_groups(share.size(1)).values()
+    return {"prompt_tokens": numbers["prompt_tokens"], "image_tokens": numbers["image_tokens"],
+            "first_share": share[0].mean().item(),
+            "image_share": torch.stack([share[:, g].mean(1) for g in thirds], 1).tolist(),
+            "convergence_layer": numbers["convergence_layer"]}
+
+
+def analysis_buckets(records, groups):
+    """Many answers' records pooled by generated position, in bucket_means' buckets: the mean image
+    share of each third and its 1/length reference, over the answers with an image; the mean
+    convergence layer, over the tokens that have one."""
+    position, values = [], []
+    for r in records:
+        n = torch.arange(1, len(r["convergence_layer"]) + 1)                     # (N,)
+        share = torch.tensor(r["image_share"], dtype=torch.float64)               # (N, thirds)
+        keys = r["prompt_tokens"] + n - 1  # the keys that the query of position n attends to
+        dilution = r["first_share"] * keys[0] / keys.double()                     # (N,)
+        if not r["image_tokens"]:  # shares of 0 say nothing of dilution: left out
+            share, dilution = share.fill_(nan), dilution.fill_(nan)
+        position.append(n)
+        layer = floats(r["convergence_layer"])
+        values.append(torch.cat([share, dilution[:, None], layer[:, None]], 1))  # (N, thirds + 2)
+    span, centre, tokens, mean, count = bucket_means(torch.cat(position), torch.cat(values))
+    return [{"positions": s.tolist(), "mean_position": c.item(), "tokens": t.item(),
+             "image_share": {g: number(v) for g, v in zip(groups, m[:-2].tolist())},
+             "dilution": number(m[-2].item()), "tokens_with_image": k[-2].item(),
+             "convergence_layer": number(m[-1].item()), "converged": k[-1].item()}
+            for s, c, t, m, k in zip(span, centre, tokens, mean, count)]
+
+
+def analysis_figure(analysis):
+    """eval.py --analysis's numbers drawn, a column per model: the image share (top) and the
+    convergence layer (bottom), each the mean within log-spaced buckets of the position."""
+    from matplotlib.figure import Figure
+
+    models = analysis["models"]
+    fig = Figure(figsize=(1 + 5 * len(models), 7), layout="constrained")
+    axes = fig.subplots(2, len(models), sharex=True, sharey="row", squeeze=False)
+    for (name, result), (top, bottom) in zip(models.items(), axes.T):
+        buckets = result["buckets"]
+        x = [b["mean_position"] for b in buckets]
+        shares = {g: floats([b["image_share"][g] for b in buckets]) for g in analysis["groups"]}
+        plot_shares(top, x, shares, floats([b["dilution"] for b in buckets]))
+        top.set_title(f"{name}: {result['answers']} answers, {result['with_image']} with an image")
+        layer = floats([b["convergence_layer"] for b in buckets])
+        plot_convergence(bottom, x, layer, analysis["pvm_layers"] if name != "base" else [],
+                         analysis["layers"])
+        for b, x_b, y_b in zip(buckets, x, layer.nan_to_num(-0.4)):  # few tokens: a weak mean
+            bottom.annotate(b["tokens"], (x_b, y_b), xytext=(0, 6), textcoords="offset points",
+                            ha="center", fontsize=8)
+        bottom.set_title("numbers: the tokens in each bucket")
+        bottom.set_xlabel("generated position (log scale)")
+        bottom.xaxis.set_major_formatter("{x:g}")
+    axes[0, 0].set_ylim(0, None)  # once every column is drawn: the row's range fits them all
+    return fig

@@ -106,27 +106,10 @@ def test_lens_is_the_reference_hidden_states_through_norm_and_head(greedy):
     assert len(set(summary["convergence_layer"])) > 1  # a test that can tell layers apart
 
 
-def counting(monkeypatch):
-    """Counts, from now on, of the forward hooks registered on any module and of logit lens runs."""
-    counts = {"hooks": 0, "lens": 0}
-
-    def counted(function, key):
-        def wrapper(*args, **kwargs):  # a function, so that it binds as the method did
-            counts[key] += 1
-            return function(*args, **kwargs)
-        return wrapper
-
-    for owner, name, key in ((torch.nn.Module, "register_forward_hook", "hooks"),
-                             (torch.nn.Module, "register_forward_pre_hook", "hooks"),
-                             (report.AttentionReport, "logit_lens", "lens")):
-        monkeypatch.setattr(owner, name, counted(getattr(owner, name), key))
-    return counts
-
-
 def test_report_changes_no_token_and_nothing_is_hooked_without_it(tiny_untied, tmp_path, capsys,
-                                                                   monkeypatch):
+                                                                   hook_counts):
     args = ["--model", tiny_untied, "--image", CAT, "--max-new-tokens", N, "--seed", 3]  # sampled
-    counts = counting(monkeypatch)
+    counts = hook_counts
     assert generate.cli(list(map(str, args))) == 0
     assert counts == {"hooks": 0, "lens": 0}
     plain = capsys.readouterr().out
