@@ -12,8 +12,9 @@ benchmark by `eval.py --analysis`.
     analysis_record    one answer's numbers in short; analysis_buckets pools many by position,
                        analysis_figure draws them
 
-Two claims of the paper: the image's share of attention thins as the answer grows (dilution),
-and PVM makes the next token settle in earlier layers (prediction convergence).
+The paper's two claims beyond accuracy: PVM resists the length-induced decay of the visual signal
+(the image's share of self-attention thins as the answer grows: dilution), and it makes the next
+token settle in earlier layers (prediction convergence, read with the logit lens).
 """
 import json
 from functools import partial
