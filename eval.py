@@ -6,11 +6,14 @@ and how the difference changes with the length of the answer (the paper's claim:
     python eval.py --data mmstar.jsonl --pvm out/pvm.safetensors --compare \\
         --samples 4 --temperature 0.7                 # the paper's protocol: 4 sampled runs
     python eval.py --size tiny [--pvm out/pvm.safetensors --compare]   # CPU, no download
+    python eval.py --size tiny --analysis     # also the paper's two analyses, over every reply
 
 --data: JSON lines {"id", "images": [paths relative to the file], "question", "options": [...]
 (optional), "answer" (with options: a letter or an option's text), "benchmark" (optional)}.
 Prompts as lmms-eval writes them, verdicts by `score`. The table goes to stdout, every figure to
---out/results.json, every reply to --out/predictions.jsonl. Left out on purpose: downloading and
+--out/results.json, every reply to --out/predictions.jsonl; with --analysis, the image's share of
+attention and the logit lens's convergence layer at every generated token (report.py) to
+--out/analysis.json and --out/analysis.png. Left out on purpose: downloading and
 converting benchmarks, LLM judges, lmms-eval's random letter for a reply it cannot parse (wrong
 here), images placed inside the question (MMMU's <image 1>: all images come first), several GPUs.
 """
@@ -26,6 +29,7 @@ from tqdm import tqdm
 import data
 import generate
 import pvm
+import report
 import train
 from load_qwen import check_device, encode_chat, load_model, load_tokenizer, resolve_checkpoint
 
@@ -289,6 +293,57 @@ def print_table(summary, names, K):
         print(line)
 
 # -----------------------------------------------------------------------------
+# the paper's two analyses over every reply (--analysis)
+
+def check_analysis(args):
+    """Refuse, before any work, an --analysis that could not be drawn or would ignore an option."""
+    try:
+        import matplotlib  # noqa: F401  (optional: only the figure needs it)
+    except ImportError:
+        raise ValueError("--analysis needs matplotlib (pip install matplotlib)") from None
+    if args.batch_size is not None:
+        raise ValueError("--analysis generates one prompt at a time: leave out --batch-size")
+
+
+def respond_watched(model, samples, tokenizer, args, name):
+    """respond's replies, each generated alone under a report.AttentionReport, and each reply's
+    analysis record. One prompt at a time: the report watches one prompt (its image tokens, the
+    query at its last position), and its hooks need eager steps, without a CUDA graph, in any
+    case. Sample i's run k draws with seed --seed + i * K + k, the same for both models."""
+    stops, K, replies, records = set(model.config.eos_token_ids), args.samples, [], []
+    for i, sample in enumerate(tqdm(samples, desc=f"{name}, analysed", file=sys.stderr)):
+        prompt = encode_chat(tokenizer, prompt_messages(sample, args.post_prompt))
+        replies.append([])
+        for run in range(K):
+            with report.AttentionReport(model, prompt[0]) as watcher:
+                ids = list(generate.generate(
+                    model, *prompt, args.max_new_tokens, args.temperature, args.top_k,
+                    args.top_p, seed=args.seed + i * K + run, cuda_graph=False))
+            record = report.analysis_record(watcher.summary(ids))  # the stop token counts here
+            records.append({"id": sample["id"], "benchmark": sample["benchmark"], "model": name,
+                            "run": run, **record})
+            ids = ids[:-1] if ids[-1] in stops else ids  # the stop token has no text
+            replies[-1].append((len(ids), tokenizer.decode(ids)))
+    return replies, records
+
+
+def write_analysis(records, model, names, out):
+    """analysis.json: each model's records pooled by generated position, then every record;
+    analysis.png draws the pooled numbers."""
+    groups = report.layer_groups(len(model.layers))
+    models = {}
+    for name in names:
+        mine = [r for r in records if r["model"] == name]
+        with_image = sum(r["image_tokens"] > 0 for r in mine)
+        models[name] = {"answers": len(mine), "with_image": with_image,
+                        "buckets": report.analysis_buckets(mine, groups)}
+    analysis = {"layers": len(model.layers), "pvm_layers": list(model.config.pvm_layers),
+                "groups": {g: layers.tolist() for g, layers in groups.items()},
+                "models": models, "answers": records}
+    (out / "analysis.json").write_text(json.dumps(analysis) + "\n")
+    report.analysis_figure(analysis).savefig(out / "analysis.png", dpi=120)
+
+# -----------------------------------------------------------------------------
 # the command
 
 def load_samples(args, tokenizer):
@@ -311,6 +366,8 @@ def main(args):
         raise ValueError("--compare needs --pvm FILE")
     if args.samples > 1 and not args.temperature:
         raise ValueError("--samples > 1 needs --temperature > 0: greedy runs are all the same")
+    if args.analysis:
+        check_analysis(args)
     check_device(args.device)
     cuda = args.device.startswith("cuda")
     args.batch_size = args.batch_size or (8 if cuda else 1)
@@ -331,13 +388,17 @@ def main(args):
     gates = [model.layers[i].pvm_block.gate_alpha for i in model.config.pvm_layers]
     trained = [gate.detach().clone() for gate in gates]
     names = ["base", "pvm"] if args.compare else ["pvm"] if args.pvm else ["base"]
-    correct, predictions = {}, []
+    correct, predictions, records = {}, [], []
     lengths = torch.zeros(len(samples), dtype=torch.float64)
     for name in names:
         with torch.no_grad():  # gates at 0 make it exactly the base model (see pvm.py)
             for gate, value in zip(gates, trained):
                 gate.copy_(value if name == "pvm" else torch.zeros_like(value))
-        replies = respond(model, samples, tokenizer, args, name)
+        if args.analysis:
+            replies, watched = respond_watched(model, samples, tokenizer, args, name)
+            records += watched
+        else:
+            replies = respond(model, samples, tokenizer, args, name)
         correct[name] = torch.zeros(len(samples), args.samples, dtype=torch.float64)
         for i, sample in enumerate(samples):
             for run, (tokens, text) in enumerate(replies[i]):
@@ -351,7 +412,7 @@ def main(args):
     print_table(summary, names, args.samples)
     print(f"open answers graded by {GRADER}")
     settings = ("model", "size", "data", "pvm", "samples", "temperature", "top_p", "top_k",
-                "max_new_tokens", "post_prompt", "seed")
+                "max_new_tokens", "post_prompt", "seed", "analysis")
     results = {**{k: getattr(args, k) for k in settings}, "grader": GRADER, "models": names,
                **summary}
     out = Path(args.out)
@@ -361,6 +422,9 @@ def main(args):
         for prediction in predictions:
             f.write(json.dumps(prediction, ensure_ascii=False) + "\n")
     print(f"wrote {out / 'results.json'} and {out / 'predictions.jsonl'}", file=sys.stderr)
+    if args.analysis:
+        write_analysis(records, model, names, out)
+        print(f"wrote {out / 'analysis.json'} and {out / 'analysis.png'}", file=sys.stderr)
 
 
 def parse_args(argv=None):
@@ -383,6 +447,9 @@ def parse_args(argv=None):
                    "backbone and the split, as train.py's --seed")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda (the default where there is one) or cpu")
+    p.add_argument("--analysis", action="store_true", help="also the image's share of attention "
+                   "and the logit lens at every token: analysis.json and .png (needs matplotlib; "
+                   "one prompt at a time)")
     p.add_argument("--out", default="out/eval", help="directory for results.json, predictions")
     return p.parse_args(argv)
 

@@ -219,8 +219,9 @@ def parse_args(argv=None):
     p.add_argument("--pvm", help="file of trained PVM weights to attach (see pvm.py)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step (the rate shown includes compiling)")
-    p.add_argument("--report", metavar="FILE.png", help="the image's share of attention at every "
-                   "token and layer to FILE.png, the numbers to FILE.json (needs matplotlib)")
+    p.add_argument("--report", metavar="FILE.png", help="the image's share of attention and the "
+                   "logit lens at every token and layer to FILE.png, the numbers to FILE.json "
+                   "(needs matplotlib)")
     return p.parse_args(argv)
 
 
