@@ -9,9 +9,12 @@ One JSON object a line, image paths relative to the file:
             {"type": "text", "text": "What is it?"}]}, {"role": "assistant", "content": "A cat."}]}
 A LLaVA record is first rewritten as a chat record (llava_to_chat); one reader (to_messages) turns
 chat records into the messages load_qwen.chat_text reads. Every error names file and line.
+Images are decoded only when a step needs them (encode_sample), so a sample whose image turns out
+unreadable then is skipped and named, not fatal.
 """
 import json
 import random
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -20,12 +23,18 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders
 from tokenizers.models import BPE
 from tokenizers.pre_tokenizers import ByteLevel
+from tqdm import tqdm
 
-from load_qwen import chat_text, content_parts
+from load_qwen import chat_text, content_parts, encode_chat_for_training
 from vision import MERGE, PATCH, smart_resize
 
 LLAVA_ROLES = {"human": "user", "gpt": "assistant"}  # any other role ("system") keeps its name
 CHAT_ROLES = ("system", "user", "assistant")
+# special tokens that frame the turns and place the images: a text that spells one out is read as
+# the token itself (a reply ended early, an image placeholder without an image). Grounding tokens
+# (<|box_start|>, <|object_ref_start|>, ...) are meant to be written in the text and pass.
+FRAMING_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 
 def llava_to_chat(record):
@@ -82,6 +91,8 @@ def to_messages(record, root):
                 if not isinstance(path, str):
                     raise ValueError(f"an image path must be a string, not {path!r}")
                 part = {"type": "image", "image": str(Path(root, path))}  # absolute stays as it is
+            elif token := framing_token(part["text"]):
+                raise ValueError(f"the text holds {token}, a special token of the chat format")
             parts.append(part)
         messages.append({"role": turn["role"], "content": parts})
     if rest := list(images):
@@ -96,16 +107,24 @@ def to_messages(record, root):
     return messages
 
 
+def framing_token(text):
+    """The first of FRAMING_TOKENS that `text` spells out, or None."""
+    return next((token for token in FRAMING_TOKENS if token in text), None)
+
+
 def read_jsonl(path):
     """[(messages, "file:line")] of a JSON-lines file."""
     samples = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes, decoded line by line: bad UTF-8 is named with its line
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{n}"
             try:
-                samples.append((to_messages(json.loads(line), Path(path).parent), where))
+                record = json.loads(line.decode("utf-8"))
+                samples.append((to_messages(record, Path(path).parent), where))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text (byte {e.start}: {e.reason})") from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
             except ValueError as e:
@@ -166,7 +185,8 @@ def image_tokens(image, where):
             height, width = smart_resize(f.height, f.width)
     except FileNotFoundError:
         raise ValueError(f"image not found: {image} ({where})") from None
-    except (OSError, SyntaxError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        # ValueError: smart_resize's aspect ratio; a decompression bomb is refused by its header
         raise ValueError(f"cannot read image {image} ({where}): {e}") from None
     return height * width // (PATCH * MERGE) ** 2
 
@@ -213,3 +233,27 @@ def load_data(path, tokenizer, max_len, seed, eval_samples, synthetic_samples):
     keep = [keep[i] for i in order]
     skipped = f"{too_long} over --max-len and {no_image} without an image skipped"
     return keep[:n_eval], keep[n_eval:], skipped
+
+
+class UnreadableSample(ValueError):
+    """A sample whose image did not decode when a step needed it (train.py --strict-data)."""
+
+
+def encode_sample(samples, i, tokenizer, named, strict):
+    """Sample i of `samples` (wrapping) as training tensors, and how many were skipped for it.
+    load_data reads image headers only, so an image can still fail to decode here (a truncated
+    JPEG body, a file changed since): that sample is skipped for the next of the order, which
+    keeps every batch full, DDP ranks in step and a resumed run exact. It is named on stderr once
+    (`named` holds those named); with `strict` it raises UnreadableSample instead."""
+    for j in range(i, i + len(samples)):
+        messages, where = samples[j % len(samples)]
+        try:
+            return encode_chat_for_training(tokenizer, messages), j - i
+        except ValueError as e:  # load_image's, which names the file
+            if strict:
+                raise UnreadableSample(f"{where}: {e} (--strict-data)") from None
+            if where not in named:
+                tqdm.write(f"skipped {where}: {e}", file=sys.stderr)  # above a progress bar
+                named.add(where)
+            error = f"{where}: {e}"
+    raise ValueError(f"no sample's images can be decoded; the last: {error}")

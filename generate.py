@@ -14,6 +14,8 @@ draws is in report.py). Left out on purpose: beam search, repetition penalties, 
 """
 import argparse
 import contextlib
+import math
+import os
 import random
 import sys
 import time
@@ -22,7 +24,8 @@ from functools import partial
 import torch
 from tokenizers.decoders import DecodeStream
 
-from load_qwen import encode_chat, load_model, load_tokenizer, read_json, resolve_checkpoint
+from load_qwen import check_device, encode_chat, load_model, load_tokenizer, read_json
+from load_qwen import resolve_checkpoint
 from model import KVCache
 from report import AttentionReport, check_report, write_report
 
@@ -221,6 +224,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_args(args):
+    """Refuse, before any work, options that would fail deep inside or silently misbehave (a NaN
+    temperature samples from NaN probabilities)."""
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.report and args.max_new_tokens == 0:
+        raise ValueError("--report needs --max-new-tokens of at least 1: no token, no report")
+    if args.temperature is not None and not 0 <= args.temperature < math.inf:
+        raise ValueError(f"--temperature must be a number >= 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:  # NaN fails every comparison
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k is not None and args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
+    check_device(args.device)
+
+
 def sampling_defaults(args, checkpoint):
     """Options the command line leaves out come from the checkpoint's generation_config.json
     (the released models: temperature 0.7, top-p 0.8, top-k 20); greedy where it does not sample."""
@@ -234,13 +253,12 @@ def sampling_defaults(args, checkpoint):
 
 
 def main(args):
+    check_args(args)
     if args.report:
         check_report(args.report, args.compile)
     checkpoint = resolve_checkpoint(args.model)  # one download or cache lookup, shared below
     sampling_defaults(args, checkpoint)
     cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}, but this torch sees no CUDA device")
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     tokenizer = load_tokenizer(checkpoint)
     content = [{"type": "image", "image": path} for path in args.image]
@@ -270,12 +288,20 @@ def main(args):
 
 
 def cli(argv=None):
-    """The command; returns its exit status: 2, after one line on stderr, for bad input."""
+    """The command; returns its exit status: 2, after one line on stderr, for bad input; 130 on
+    Ctrl-C; 141 when the reader of stdout has gone (`| head`), as a process that SIGPIPE ends."""
     try:
         main(parse_args(argv))
+    except BrokenPipeError:  # quietly: the reader wanted no more
+        # stdout to /dev/null, so that the flush at exit cannot fail on the closed pipe again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ValueError, OSError) as e:  # what the loaders raise for files, images and options
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: no traceback
+        print()  # ends the answer's line: the shell does not for a program that exits by itself
+        return 130
     return 0
 
 

@@ -11,6 +11,7 @@ model.safetensors.index.json), generation_config.json and tokenizer.json. Left o
 tool calls in the chat format, video, other file formats than safetensors.
 """
 import json
+import math
 import re
 from pathlib import Path
 
@@ -42,6 +43,23 @@ def resolve_checkpoint(path_or_id):
         raise ValueError(f"{path_or_id} is not a local directory and could not be fetched from "
                          f"the Hugging Face Hub ({type(e).__name__}); offline, pass a downloaded "
                          "checkpoint with --model DIR") from None
+
+
+def check_device(name):
+    """--device, if this machine has it: torch's own error would come late, deep in loading."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name} is not a device name (cpu, cuda, cuda:N, mps)") from None
+    mps = torch.backends.mps.is_available()
+    count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(mps)}  # devices of each kind
+    if device.type not in count:
+        raise ValueError(f"--device {name}: this program runs on cpu, cuda or mps")
+    if count[device.type] == 0:
+        raise ValueError(f"--device {name}, but this torch sees no {device.type} device")
+    if device.index is not None and device.index >= count[device.type]:
+        raise ValueError(f"--device {name}, but this machine has {count[device.type]} "
+                         f"{device.type} device(s)")
 
 
 def read_json(path):
@@ -212,13 +230,10 @@ def load_weights(model, ckpt):
     """Copy every checkpoint tensor into its parameter. The files are memory-mapped (their pages
     are the page cache's, not a second copy of the weights) and each tensor is converted to the
     parameter's dtype and device on the way. Strict: an unknown, missing, duplicated or
-    mis-shaped tensor raises, naming the tensor; safetensors checks the file's own layout."""
+    mis-shaped tensor raises, naming the tensor; so does a header that does not fit its data."""
     params, filled = dict(model.named_parameters()), set()  # a tied head appears once
     for file in weight_files(ckpt):
-        try:
-            f = safe_open(ckpt / file, framework="pt")
-        except Exception as e:  # missing, truncated, an inconsistent header, a Git LFS pointer
-            raise ValueError(f"cannot read weights file {ckpt / file}: {e}") from None
+        f = open_safetensors(ckpt / file, "weights file")
         for name in f.keys():
             ours = rename(name, TO_OURS)
             if ours is None:
@@ -299,15 +314,21 @@ def load_tokenizer(path_or_id):
     if not (ckpt / "tokenizer.json").exists():
         raise ValueError(f"missing tokenizer.json in {ckpt}")
     try:
-        return Tokenizer.from_file(str(ckpt / "tokenizer.json"))
-    except Exception as e:  # not JSON, or not a tokenizer
+        tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    except Exception as e:  # not JSON, cut short, or not a tokenizer
         raise ValueError(f"cannot read {ckpt / 'tokenizer.json'}: {e}") from None
+    for token in CHAT_TOKENS:  # another model's tokenizer would spell them out as text
+        if tokenizer.token_to_id(token) is None:
+            raise ValueError(f"{ckpt / 'tokenizer.json'} lacks the token {token}: "
+                             "not a Qwen3-VL tokenizer")
+    return tokenizer
 
 
 # -----------------------------------------------------------------------------
 # the chat format (what the official chat_template.json produces, without tools)
 
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
 
 
 def content_parts(content):
@@ -391,3 +412,89 @@ def encode_chat_for_training(tokenizer, messages):
     """As encode_chat without the generation prompt, plus the loss mask (1, T): True on the
     tokens of each assistant reply and its <|im_end|>."""
     return encode(tokenizer, messages, add_generation_prompt=False)
+
+
+# -----------------------------------------------------------------------------
+# checking a weights file's header: a file from the hub is untrusted input
+
+# bytes per element of each safetensors dtype that torch reads
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
+               "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def open_safetensors(path, what):
+    """safetensors' safe_open, which refuses a file whose header does not fit its data (a file
+    from the hub is untrusted input); its message often names no tensor, so header_problem
+    looks for the one to name."""
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:  # missing, truncated, an inconsistent header, a Git LFS pointer
+        raise ValueError(f"cannot read {what} {path}: {header_problem(path) or e}") from None
+
+
+def header_problem(path):
+    """What makes a safetensors file's header inconsistent, naming the tensor, or None. The format:
+    8 bytes (little-endian header length), a JSON header {name: {"dtype", "shape", "data_offsets":
+    [begin, end]}} with offsets into the data that follows; each tensor takes exactly its bytes."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size < 8:
+        return None
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        data_bytes = path.stat().st_size - 8 - length
+        if data_bytes < 0:  # cut short, or not safetensors at all: safetensors' message says so
+            return None
+        try:
+            header = json.loads(f.read(length), object_pairs_hook=no_duplicates)
+        except ValueError as e:  # not JSON, not UTF-8, or a name twice
+            return f"the header is not valid: {e}"
+    if not isinstance(header, dict):
+        return "the header is not a JSON object"
+    spans = []  # (begin, end, name) of each tensor
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if problem := entry_problem(entry, data_bytes):
+            return f"tensor {name}: {problem}"
+        spans.append((*entry["data_offsets"], name))
+    spans.sort()
+    for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
+        if begin < end:
+            return f"tensors {name} and {other} overlap (bytes {begin} to {end} of the data)"
+    return None
+
+
+def no_duplicates(pairs):
+    """A JSON object's pairs as a dict, refusing a key given twice (json.loads keeps the last)."""
+    seen = set()
+    for name, _ in pairs:
+        if name in seen:
+            raise ValueError(f"{name} appears twice")
+        seen.add(name)
+    return dict(pairs)
+
+
+def entry_problem(entry, data_bytes):
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(entry, dict):
+        return "its entry is not an object"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_BYTES:
+        return f"unknown dtype {dtype!r}"
+    if not is_sizes(shape):
+        return f"shape {shape!r} is not a list of sizes"
+    if not is_sizes(offsets) or len(offsets) != 2:
+        return f"data_offsets {offsets!r} are not [begin, end]"
+    begin, end = offsets
+    need = math.prod(shape) * DTYPE_BYTES[dtype]
+    if end - begin != need:  # an end before the begin too
+        return (f"data_offsets {offsets} span {end - begin} bytes; shape {shape} of {dtype} "
+                f"takes {need}")
+    if end > data_bytes:
+        return f"data_offsets {offsets} end beyond the file's {data_bytes} bytes of data"
+    return None
+
+
+def is_sizes(value):
+    """A list of non-negative integers."""
+    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)

@@ -17,11 +17,12 @@ width, nq / nkv latent query / key-value heads, hd head width.
 """
 import os
 import re
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from model import MLP, RMSNorm
 
@@ -111,20 +112,36 @@ def pvm_state_dict(model):
             for name, tensor in layer.pvm_block.state_dict().items()}
 
 
+def write_atomic(path, write):
+    """write(temporary file), then rename it to `path`: a crash or a full disk never leaves half a
+    file there (the previous one stays whole), and a failed write removes its temporary file. The
+    temporary name holds the process id, so that two processes never write into one file."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:  # Ctrl-C too
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception):  # torch and safetensors report a full disk in types of theirs
+            raise OSError(f"cannot write {path}: {e}") from e
+        raise
+
+
 def save_pvm(model, path):
-    """Write the PVM weights alone as safetensors; atomically (temporary file, then rename)."""
+    """Write the PVM weights alone as safetensors, atomically; never a NaN or an infinity."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in pvm_state_dict(model).items()}
-    save_file(tensors, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():  # a diverged run: load_pvm would refuse the file
+            raise ValueError(f"{name} holds NaN or infinite values: not written to {path}")
+    write_atomic(path, lambda tmp: save_file(tensors, tmp))
 
 
 def load_pvm(model, path):
     """Attach and load PVM weights. The layers and the width come from the tensor names and shapes
     (files of the reference code carry no metadata); a file that does not fit raises ValueError."""
-    try:
-        tensors = load_file(path)
-    except Exception as e:  # missing, truncated or not a safetensors file
-        raise ValueError(f"cannot read PVM weights {path}: {e}") from None
+    from load_qwen import open_safetensors  # here: load_qwen imports this module
+    with open_safetensors(path, "PVM weights") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
     found = [re.fullmatch(r"model\.language_model\.layers\.(\d+)\.pvm_block\..+", name)
              for name in tensors]
     if not found or None in found:

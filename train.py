@@ -17,9 +17,11 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,11 +31,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import load_data, tiny_tokenizer
-from load_qwen import encode_chat_for_training, load_model, load_tokenizer, resolve_checkpoint
-from load_qwen import save_model
+from data import UnreadableSample, encode_sample, load_data, tiny_tokenizer
+from load_qwen import check_device, load_model, load_tokenizer, resolve_checkpoint, save_model
 from model import Qwen3VL, tiny_config
-from pvm import PRESETS, attach_pvm, pvm_state_dict, save_pvm
+from pvm import PRESETS, attach_pvm, pvm_state_dict, save_pvm, write_atomic
 
 # Everything that depends on --size. checkpoint None: the tiny random model, built here. The tiny
 # model shows learning within a minute only with a larger rate and smaller batches; on its small
@@ -102,19 +103,14 @@ def get_lr(step, total, args):
     return args.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def encode(sample, tokenizer, device):
-    """(messages, where) -> input_ids (1, T), pixel_values (N, 1536), grid (images, 3), loss mask
-    (1, T)."""
-    return tuple(t.to(device) for t in encode_chat_for_training(tokenizer, sample[0]))
-
-
 @torch.no_grad()
-def evaluate(loss_model, samples, tokenizer, device, autocast, rank, world):
-    """Mean loss over the held-out samples' reply tokens, each rank taking its share."""
+def evaluate(loss_model, samples, read, device, autocast, rank, world):
+    """Mean loss over the held-out samples' reply tokens, each rank taking its share. read(samples,
+    i): sample i's input_ids, pixel_values, grid and loss mask (data.encode_sample)."""
     loss_model.eval()
     total = torch.zeros(2, device=device)  # loss sum, tokens
-    for sample in samples[rank::world]:
-        input_ids, pixel_values, grid, loss_mask = encode(sample, tokenizer, device)
+    for i in range(rank, len(samples), world):
+        input_ids, pixel_values, grid, loss_mask = (t.to(device) for t in read(samples, i)[0])
         with autocast:
             total[0] += loss_model(input_ids, pixel_values, grid, loss_mask).float()
         total[1] += loss_mask[:, 1:].sum()
@@ -130,28 +126,55 @@ def save_checkpoint(out, model, optimizer, step, run):
     save_pvm(model, out / "pvm.safetensors")
     state = {"step": step, "run": run, "optimizer": optimizer.state_dict(),
              "pvm": {k: v.detach().cpu() for k, v in pvm_state_dict(model).items()}}
-    torch.save(state, out / "state.pt.tmp")
-    os.replace(out / "state.pt.tmp", out / "state.pt")
+    write_atomic(out / "state.pt", partial(torch.save, state))
 
 
 def resume(out, model, optimizer, run):
-    """Load state.pt, which must come from this same configuration; the step to continue at."""
+    """Load state.pt, which must come from this same configuration, its PVM tensors of this model's
+    shapes (an edited or mixed-up file is refused by name, not met by a crash); the step to
+    continue at."""
     path = out / "state.pt"
     if not path.exists():
         raise ValueError(f"--resume: no checkpoint {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        saved_run, saved_pvm, saved_optimizer = state["run"], state["pvm"], state["optimizer"]
     except Exception as e:  # truncated, or not a checkpoint of this script
-        raise ValueError(f"--resume: cannot read {path}: {e}") from None
-    diff = [f"{k} {state['run'].get(k)!r} there, {v!r} here"
-            for k, v in run.items() if state["run"].get(k) != v]
-    if diff:
+        raise ValueError(f"--resume: {path} is not a checkpoint of train.py: {e!r}") from None
+    if diff := [f"{k} {saved_run.get(k)!r} there, {v!r} here"
+                for k, v in run.items() if saved_run.get(k) != v]:
         raise ValueError(f"--resume: {path} comes from another configuration: {'; '.join(diff)}")
     with torch.no_grad():
         for name, tensor in pvm_state_dict(model).items():
-            tensor.copy_(state["pvm"][name])
-    optimizer.load_state_dict(state["optimizer"])
+            shape = tuple(saved_pvm[name].shape) if name in saved_pvm else "missing"
+            if shape != tuple(tensor.shape):
+                raise ValueError(f"--resume: {path}: {name} is {shape}, the model's is "
+                                 f"{tuple(tensor.shape)}")
+            tensor.copy_(saved_pvm[name])
+    optimizer.load_state_dict(saved_optimizer)  # a ValueError if its parameters do not fit
     return state["step"]
+
+
+def check_finite(grad_norm, loss, step):
+    """Stop before an update from a NaN or infinite gradient, which would make every PVM weight
+    NaN: nothing non-finite is applied or saved (the last checkpoint stays as it was)."""
+    if not torch.isfinite(grad_norm):
+        raise ValueError(f"step {step + 1}: gradient norm {grad_norm.item()}, loss {loss.item()}: "
+                         "training diverged; nothing of this step was applied or saved")
+
+
+@contextmanager
+def ctrl_c_after():
+    """Ctrl-C (SIGINT) held back until the block ends, then raised: so that an update is applied
+    whole or not at all, and the checkpoint written on Ctrl-C is consistent."""
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
 
 
 def log(out, entry):
@@ -160,6 +183,7 @@ def log(out, entry):
 
 
 def main(args):
+    check_args(args)
     rank, world, cuda, out = 0, 1, args.device.startswith("cuda"), Path(args.out)
     size = SIZES[args.size]
     if ddp := "RANK" in os.environ:  # under torchrun: a process per GPU with nccl, on CPUs gloo
@@ -172,8 +196,7 @@ def main(args):
     if size["threads"] and not cuda:
         torch.set_num_threads(size["threads"])
     if (out / "state.pt").exists() and not args.resume:
-        raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it, "
-                         "or another --out")
+        raise ValueError(f"{out} already holds a checkpoint: pass --resume, or another --out")
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} does not split over {world} processes")
     if args.model and size["checkpoint"] is None:
@@ -183,10 +206,13 @@ def main(args):
     tokenizer = load_tokenizer(checkpoint) if checkpoint else tiny_tokenizer()
     held_out, train, skipped = load_data(args.data, tokenizer, args.max_len, args.seed,  # bad data
                                          args.eval_samples, args.synthetic_samples)  # fails here
+    # but an image that fails to decode only when a step needs it: skipped for the next sample
+    read = partial(encode_sample, tokenizer=tokenizer, named=set(), strict=args.strict_data)
     model = build_model(args, checkpoint, device, torch.bfloat16 if cuda else torch.float32)
     total = args.max_steps or math.ceil(len(train) / args.batch_size)  # one epoch
     run = {k: getattr(args, k) for k in ("size", "model", "data", "synthetic_samples", "seed",
-                                         "batch_size", "lr", "warmup", "weight_decay", "max_len")}
+                                         "batch_size", "lr", "warmup", "weight_decay", "grad_clip",
+                                         "max_len")}
     run |= {"pvm_layers": list(model.config.pvm_layers), "pvm_dim": model.config.pvm_dim,
             "steps": total, "held_out": len(held_out), "train": len(train)}
     # the optimizer holds the PVM parameters only: the rest is frozen, so AdamW keeps no moments
@@ -200,18 +226,19 @@ def main(args):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        # the tiny random backbone, for generate.py --model; on --resume the one there is this
-        # run's already (resume checked the seed and size, which fix it)
+        # the tiny backbone, for generate.py --model; on --resume, this run's (same seed) is there
         if checkpoint is None and not (args.resume and (out / "backbone").is_dir()):
             save_model(model, out / "backbone")  # PVM is not part of it
             tokenizer.save(str(out / "backbone" / "tokenizer.json"))
         print(f"{len(train)} training and {len(held_out)} held-out samples, {skipped}; {total} "
               f"steps of {args.batch_size}; {sum(p.numel() for p in params):,} trainable "
               "parameters", file=sys.stderr)
-    with tqdm(total=total, initial=start, disable=rank != 0) as bar:  # closed on an error too
+    bar = tqdm(total=total, initial=start, disable=rank != 0)
+    done = start  # steps whose update is complete: what a checkpoint written now holds
+    try:
         for step in range(start, total + 1):
             if args.eval_every and held_out and (step % args.eval_every == 0 or step == total):
-                eval_loss = evaluate(loss_model, held_out, tokenizer, device, autocast, rank, world)
+                eval_loss = evaluate(loss_model, held_out, read, device, autocast, rank, world)
                 if rank == 0:
                     log(out, {"step": step, "eval_loss": eval_loss})
                     bar.write(f"step {step}: held-out loss {eval_loss:.4f}", file=sys.stderr)
@@ -224,16 +251,15 @@ def main(args):
             wrapped.train()  # there is no dropout: this only lets gradient checkpointing act
             # step s takes samples s*batch .. (s+1)*batch - 1 of the shuffled order (wrapping),
             # encoded on the CPU first: their loss masks count the tokens of the loss beforehand
-            first = step * args.batch_size + rank
-            batch = [encode(train[(first + micro * world) % len(train)], tokenizer, "cpu")
-                     for micro in range(accum)]
+            picks = range(step * args.batch_size + rank, (step + 1) * args.batch_size, world)
+            batch, skips = zip(*(read(train, i) for i in picks))
             count = sum(loss_mask[:, 1:].sum() for *_, loss_mask in batch).float().to(device)
             if ddp:
                 dist.all_reduce(count)  # the whole batch's, over all ranks
             # the loss is the mean over all the batch's reply tokens, as TRL's SFTTrainer takes it
             # (average_tokens_across_devices), not a mean of per-sample means: each sample adds its
             # summed token losses / count, times world since DDP averages the ranks' gradients
-            stats = torch.zeros(2, device=device)  # loss sum, tokens
+            stats = torch.tensor([0.0, 0.0, sum(skips)], device=device)  # loss, tokens, skipped
             for micro, tensors in enumerate(batch):
                 input_ids, pixel_values, grid, loss_mask = (t.to(device) for t in tensors)
                 if ddp:  # all-reduce the gradients at the last micro-step only
@@ -244,23 +270,41 @@ def main(args):
                 stats[0] += loss_sum.detach().float()
                 stats[1] += input_ids.numel()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             if ddp:
                 dist.all_reduce(stats)
-            if rank == 0:
-                seconds = time.perf_counter() - t0
-                gates = [model.layers[i].pvm_block.gate_alpha.item() for i in size["pvm_layers"]]
-                entry = {"step": step + 1, "loss": (stats[0] / count).item(), "lr": lr,
-                         "grad_norm": grad_norm.item(), "tokens_per_s": stats[1].item() / seconds,
-                         "gates": gates}
-                log(out, entry)
-                bar.update()
-                bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{lr:.1e}",
-                                tok_s=f"{entry['tokens_per_s']:.0f}",
-                                gates=",".join(f"{g:.3f}" for g in gates))
-                if (step + 1) % args.save_every == 0 or step + 1 == total:
-                    save_checkpoint(out, model, optimizer, step + 1, run)
+            check_finite(grad_norm, stats[0] / count, step)  # the same on every rank
+            with ctrl_c_after():  # the update and its log line, whole or not at all
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                if rank == 0:
+                    seconds = time.perf_counter() - t0
+                    gates = [model.layers[i].pvm_block.gate_alpha.item()
+                             for i in size["pvm_layers"]]
+                    entry = {"step": done, "loss": (stats[0] / count).item(), "lr": lr,
+                             "grad_norm": grad_norm.item(), "skipped": int(stats[2]),
+                             "tokens_per_s": stats[1].item() / seconds, "gates": gates}
+                    log(out, entry)
+                    bar.update()
+                    bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{lr:.1e}",
+                                    tok_s=f"{entry['tokens_per_s']:.0f}",
+                                    gates=",".join(f"{g:.3f}" for g in gates))
+            if rank == 0 and (done % args.save_every == 0 or done == total):
+                save_checkpoint(out, model, optimizer, done, run)
+    except (KeyboardInterrupt, UnreadableSample) as e:
+        bar.close()
+        # Ctrl-C reaches every rank, and rank 0 saves; an unreadable sample stops its own rank
+        # only, which saves in its place (every rank holds the same weights)
+        if done > start and (rank == 0 or isinstance(e, UnreadableSample)):
+            save_checkpoint(out, model, optimizer, done, run)
+        state = f"step {done} is saved in {out}, --resume continues" if done else "no step done"
+        if isinstance(e, UnreadableSample):
+            raise UnreadableSample(f"{e}; {state}") from None
+        if rank == 0:
+            print(f"interrupted: {state}", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
     if ddp:
         dist.destroy_process_group()
     return model
@@ -272,6 +316,8 @@ def parse_args(argv=None):
                    help="PVM layers and default checkpoint; tiny: a random model, kept in --out")
     p.add_argument("--model", help="checkpoint directory or hub id (default: --size's official)")
     p.add_argument("--data", help="JSON-lines file, LLaVA or chat format (default: built-in task)")
+    p.add_argument("--strict-data", action="store_true",
+                   help="at an image that fails to decode, save and stop (default: skip it)")
     p.add_argument("--synthetic-samples", type=int, default=2000, help="size of the built-in task")
     p.add_argument("--out", default="out", help="directory for pvm.safetensors, state.pt, log")
     p.add_argument("--resume", action="store_true", help="continue from --out/state.pt")
@@ -293,19 +339,40 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda (the default where there is one) or cpu")
     args = p.parse_args(argv)
-    for name in ("batch_size", "save_every", "max_len", "max_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.eval_every < 0:
-        p.error("--eval-every must not be negative")
     args.lr = SIZES[args.size]["lr"] if args.lr is None else args.lr
     args.batch_size = SIZES[args.size]["batch_size"] if args.batch_size is None else args.batch_size
     return args
 
 
-if __name__ == "__main__":
+def check_args(args):
+    """Refuse, before any work, options that would fail deep inside or silently misbehave: a
+    negative rate or clip norm is gradient ascent, a NaN one NaN weights, a negative
+    --eval-samples holds back all but a few samples and trains on those."""
+    positive = ("batch_size", "save_every", "max_len", "max_steps", "synthetic_samples", "lr",
+                "grad_clip")
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and not 0 < value < math.inf:  # NaN fails every comparison
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in ("eval_every", "eval_samples", "weight_decay"):
+        if not getattr(args, name) >= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0 <= args.warmup <= 1:
+        raise ValueError(f"--warmup is a share of the steps, from 0 to 1; got {args.warmup}")
+    check_device(args.device)
+
+
+def cli(argv=None):
+    """The command; its exit status: 2 after one error: line for bad input, 130 on Ctrl-C."""
     try:
-        main(parse_args())
+        main(parse_args(argv))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    except KeyboardInterrupt:  # main saved the finished steps and said so
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

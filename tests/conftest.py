@@ -14,6 +14,15 @@ for p in (str(REPO_ROOT), str(TESTS_DIR)):
 
 import fixtures as fx  # noqa: E402  (needs the path set above)
 
+EXERCISE_TESTS = REPO_ROOT / "exercises" / "tests"
+
+
+def pytest_configure(config):
+    """`pytest tests` runs the course's exercise tests too (exercises/tests: the solutions are
+    this project's code, so they must pass here); a narrower selection runs what it names."""
+    if any(Path(arg).resolve() == TESTS_DIR for arg in config.args) and EXERCISE_TESTS.is_dir():
+        config.args.append(str(EXERCISE_TESTS))
+
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
@@ -50,7 +59,8 @@ def photos():
 @pytest.fixture(scope="module")
 def one_thread():
     """The tiny models' tensors are too small to share between threads: on a busy machine a second
-    thread mostly waits for a core. Modules that generate or train take this; the rest keep the default."""
+    thread mostly waits for a core. Modules that generate or train take this; the rest keep the
+    default."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

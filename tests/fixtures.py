@@ -152,7 +152,9 @@ def _split_into_merge_pair(token: bytes, rank: int, ranks: dict[bytes, int]) -> 
 @lru_cache(maxsize=1)
 def _tokenizer_json_text() -> str:
     """The full ``tokenizer.json`` as a string (built once per process, about one second)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    )
     from tokenizers.models import BPE
 
     ranks = _load_bpe_ranks()
@@ -193,7 +195,8 @@ def _tokenizer_json_text() -> str:
 
     # Added tokens take the next free ids, in order: first the special ones, then the rest.
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in NON_SPECIAL_ADDED_TOKENS])
+    non_special = [AddedToken(t, special=False, normalized=False) for t in NON_SPECIAL_ADDED_TOKENS]
+    tok.add_tokens(non_special)
     for t, i in ADDED_TOKEN_IDS.items():
         assert tok.token_to_id(t) == i, (t, tok.token_to_id(t), i)
     return tok.to_str()
@@ -337,7 +340,8 @@ def write_checkpoint(path, tied: bool, seed: int = 0) -> Path:
     """Write a tiny random Qwen3-VL checkpoint into directory ``path`` and return it.
 
     Contents, as in an official model repository:
-      config.json                 official layout (``rope_scaling``, vision ``model_type`` "qwen3_vl")
+      config.json                 official layout (``rope_scaling``,
+                                  vision ``model_type`` "qwen3_vl")
       model.safetensors           float32; tensors ``model.language_model.*``, ``model.visual.*``,
                                   and ``lm_head.weight`` only when untied
       tokenizer.json, tokenizer_config.json
@@ -354,13 +358,29 @@ def write_checkpoint(path, tied: bool, seed: int = 0) -> Path:
     # real checkpoints contain and which transformers reads back to the same configuration.
     config = tiny_config_dict(tied)
     config["dtype"] = "float32"
-    config["transformers_version"] = json.loads((path / "config.json").read_text())["transformers_version"]
+    saved_config = json.loads((path / "config.json").read_text())
+    config["transformers_version"] = saved_config["transformers_version"]
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     for name in ("generation_config.json", "preprocessor_config.json", "chat_template.json"):
         shutil.copyfile(OFFICIAL_DIR / name, path / name)
     build_tokenizer_json(path)
     return path
+
+
+def edit_safetensors_header(path, edit) -> list[str]:
+    """Rewrite the JSON header of the safetensors file ``path`` by ``edit(header, names)``, the
+    data bytes unchanged; ``names`` lists its tensors in the order of their data. Returns names."""
+    path = Path(path)
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    names = sorted((k for k in header if k != "__metadata__"),
+                   key=lambda k: header[k]["data_offsets"][0])
+    edit(header, names)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length:])
+    return names
 
 
 # ---------------------------------------------------------------------------------------
@@ -373,7 +393,7 @@ REFERENCE_ATTN_IMPLEMENTATION = "eager"
 
 
 def reference_model(path):
-    """transformers' ``Qwen3VLForConditionalGeneration`` loaded from ``path``: float32, eager, eval."""
+    """transformers' ``Qwen3VLForConditionalGeneration`` from ``path``: float32, eager, eval."""
     from transformers import Qwen3VLForConditionalGeneration
 
     with _quiet_transformers():
@@ -401,7 +421,8 @@ def reference_image_processor(path=None):
     """
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    cfg_file = Path(path) / "preprocessor_config.json" if path else OFFICIAL_DIR / "preprocessor_config.json"
+    cfg_dir = Path(path) if path else OFFICIAL_DIR
+    cfg_file = cfg_dir / "preprocessor_config.json"
     cfg = json.loads(cfg_file.read_text())
     return Qwen2VLImageProcessorPil(
         size=cfg["size"],

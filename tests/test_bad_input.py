@@ -1,5 +1,6 @@
 """Bad input fails early with a ValueError that names the problem: the directory, the tensor,
-the file."""
+the file; a safetensors header that does not fit its data names its tensor, for the checkpoint
+and for PVM files alike."""
 import json
 import re
 import shutil
@@ -7,9 +8,12 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+from tokenizers.models import BPE
 
 import fixtures as fx
 import load_qwen
+import pvm
 from vision import load_image
 
 
@@ -26,7 +30,8 @@ def test_directory_without_config(tmp_path):
 
 def test_config_of_another_architecture(tmp_path):
     config = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-              "text_config": {"model_type": "llama"}, "vision_config": {"model_type": "clip_vision_model"}}
+              "text_config": {"model_type": "llama"},
+              "vision_config": {"model_type": "clip_vision_model"}}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="llava"):
         load_qwen.load_model(tmp_path)
@@ -86,7 +91,8 @@ def checkpoint_with(tensors, tiny_untied, path):
 @pytest.mark.parametrize("name", ["model.language_model.layers.1.mlp.up_proj.weight",
                                   "model.visual.patch_embed.proj.weight", "lm_head.weight"])
 def test_checkpoint_missing_a_tensor(name, tensors, tiny_untied, tmp_path):
-    """The message names the tensor as the checkpoint spells it, the name to look for in the file."""
+    """The message names the tensor as the checkpoint spells it, the name to look for in the
+    file."""
     path = checkpoint_with({k: v for k, v in tensors.items() if k != name}, tiny_untied, tmp_path)
     with pytest.raises(ValueError, match=re.escape(name)):
         load_qwen.load_model(path)
@@ -101,8 +107,9 @@ def test_checkpoint_holding_a_wrong_shape(name, tensors, tiny_untied, tmp_path):
 
 
 def test_checkpoint_holding_an_unknown_tensor(tensors, tiny_untied, tmp_path):
-    extra = {**tensors, "model.language_model.layers.9.mlp.up_proj.weight": torch.zeros(128, 64)}
-    with pytest.raises(ValueError, match=re.escape("model.language_model.layers.9.mlp.up_proj.weight")):
+    name = "model.language_model.layers.9.mlp.up_proj.weight"
+    extra = {**tensors, name: torch.zeros(128, 64)}
+    with pytest.raises(ValueError, match=re.escape(name)):
         load_qwen.load_model(checkpoint_with(extra, tiny_untied, tmp_path))
 
 
@@ -119,7 +126,8 @@ def test_weights_file_that_is_not_safetensors(tiny_untied, tmp_path):
     shutil.copy(tiny_untied / "config.json", tmp_path / "config.json")
     (tmp_path / "model.safetensors").write_text(
         "version https://git-lfs.github.com/spec/v1\n"
-        "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 8875506608\n")
+        "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+        "size 8875506608\n")
     with pytest.raises(ValueError, match="model.safetensors"):
         load_qwen.load_model(tmp_path)
 
@@ -130,7 +138,8 @@ def tokenizer(tiny_untied):
 
 
 def test_image_tokens_that_do_not_match_the_image(tiny_untied, tokenizer, photos):
-    messages = [{"role": "user", "content": [{"type": "image", "image": photos["chelsea"].reduce(2)},
+    photo = photos["chelsea"].reduce(2)
+    messages = [{"role": "user", "content": [{"type": "image", "image": photo},
                                              {"type": "text", "text": "What is this?"}]}]
     ids, pixel_values, grid = load_qwen.encode_chat(tokenizer, messages)
     first = int((ids[0] == 151655).nonzero()[0])
@@ -152,3 +161,79 @@ def test_unreadable_images(tmp_path, photos, tokenizer):
                                                  {"type": "text", "text": "What is this?"}]}]
         with pytest.raises(ValueError, match=re.escape(str(path))):
             load_qwen.encode_chat(tokenizer, messages)
+
+
+# -----------------------------------------------------------------------------
+# safetensors headers that do not fit their data: each error names the tensor
+
+def shift(header, name, begin=0, end=0):
+    """Move a tensor's data_offsets by `begin` and `end` bytes."""
+    first, last = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [first + begin, last + end]
+
+
+HEADER_FAULTS = {  # case -> (edit(header, names in data order), the error's pattern given names)
+    "span too long": (lambda h, n: shift(h, n[0], end=4),
+                      lambda n: rf"tensor {re.escape(n[0])}: data_offsets \[.*\] span .* takes"),
+    "span too short": (lambda h, n: shift(h, n[0], end=-4),
+                       lambda n: rf"tensor {re.escape(n[0])}: data_offsets \[.*\] span .* takes"),
+    "overlap": (lambda h, n: shift(h, n[1], -4, -4),
+                lambda n: rf"tensors {re.escape(n[0])} and {re.escape(n[1])} overlap"),
+    "beyond the file": (lambda h, n: shift(h, n[-1], 64, 64),
+                        lambda n: rf"tensor {re.escape(n[-1])}: .* end beyond the file"),
+    "unknown dtype": (lambda h, n: h[n[0]].update(dtype="F33"),
+                      lambda n: rf"tensor {re.escape(n[0])}: unknown dtype 'F33'"),
+}
+FEW = ["model.language_model.norm.weight", "model.visual.merger.norm.weight",
+       "model.visual.merger.norm.bias"]  # enough tensors for a header to be wrong about
+
+
+@pytest.mark.parametrize("case", HEADER_FAULTS)
+def test_a_weights_header_that_does_not_fit_names_the_tensor(case, tensors, tiny_untied,
+                                                             tmp_path):
+    edit, pattern = HEADER_FAULTS[case]
+    path = checkpoint_with({name: tensors[name] for name in FEW}, tiny_untied, tmp_path)
+    names = fx.edit_safetensors_header(path / "model.safetensors", edit)
+    with pytest.raises(ValueError, match=f"cannot read weights file .*: {pattern(names)}"):
+        load_qwen.load_model(path)
+
+
+@pytest.fixture(scope="module")
+def pvm_file(tiny_untied, tmp_path_factory):
+    """A PVM file of the tiny model (layers 1 and 3, width 64)."""
+    path = tmp_path_factory.mktemp("pvm") / "pvm.safetensors"
+    pvm.save_pvm(pvm.attach_pvm(load_qwen.load_model(tiny_untied), (1, 3), 64), path)
+    return path
+
+
+@pytest.mark.parametrize("case", HEADER_FAULTS)
+def test_a_pvm_header_that_does_not_fit_names_the_tensor(case, pvm_file, tiny_untied, tmp_path):
+    edit, pattern = HEADER_FAULTS[case]
+    shutil.copy(pvm_file, tmp_path / "pvm.safetensors")
+    names = fx.edit_safetensors_header(tmp_path / "pvm.safetensors", edit)
+    with pytest.raises(ValueError, match=f"cannot read PVM weights .*: {pattern(names)}"):
+        load_qwen.load_model(tiny_untied, pvm_file=tmp_path / "pvm.safetensors")
+
+
+def test_non_finite_pvm_weights_are_neither_saved_nor_loaded(pvm_file, tiny_untied, tmp_path):
+    name = "model.language_model.layers.3.pvm_block.gate_alpha"
+    diverged = {**load_file(pvm_file), name: torch.tensor([float("nan")])}
+    save_file(diverged, tmp_path / "nan.safetensors")
+    with pytest.raises(ValueError, match=f"{re.escape(name)} holds NaN or infinite values"):
+        load_qwen.load_model(tiny_untied, pvm_file=tmp_path / "nan.safetensors")
+    model = pvm.attach_pvm(load_qwen.load_model(tiny_untied), (1, 3), 64)
+    with torch.no_grad():
+        model.layers[3].pvm_block.gate_alpha.fill_(float("inf"))
+    with pytest.raises(ValueError, match=f"{re.escape(name)} holds NaN or infinite values"):
+        pvm.save_pvm(model, tmp_path / "inf.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"]  # nor a temporary
+
+
+def test_a_tokenizer_json_cut_short_or_of_another_model(tiny_untied, tmp_path):
+    text = (tiny_untied / "tokenizer.json").read_text()
+    (tmp_path / "tokenizer.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=f"cannot read {re.escape(str(tmp_path))}/tokenizer.json"):
+        load_qwen.load_tokenizer(tmp_path)
+    Tokenizer(BPE(vocab={"a": 0, "b": 1}, merges=[])).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match=re.escape("lacks the token <|im_start|>")):
+        load_qwen.load_tokenizer(tmp_path)

@@ -39,7 +39,8 @@ def test_tokenizer_matches_tiktoken(tokenizer_dir):
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     text = (
         "def f(x):\n    return x ** 2  # squares\r\n\r\n\tTabs,  double  spaces...   \n"
-        "Numbers 3.14159 and 1234567; don't we'LL SEE? Größe, naïve café, 日本語のテキスト, "
+        "Numbers 3.14159 and 1234567; don't we'LL SEE? "
+        "Größe, naïve café, 日本語のテキスト, "
         "中文文本, 한국어, مرحبا, 🐱🚀 e\u0301 ¿¡!?"
     )
     assert tok.encode(text).ids == reference.encode(text, allowed_special=set())
@@ -116,7 +117,9 @@ def test_chat_template_one_image(ref_processor, photos, tiny_tied):
     inputs = ref_processor.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt"
     )
-    assert set(inputs) == {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"}
+    assert set(inputs) == {
+        "input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"
+    }
 
     tok = ref_processor.tokenizer
     expected_text = (
@@ -139,10 +142,10 @@ def test_chat_template_one_image(ref_processor, photos, tiny_tied):
 
 
 def test_batch_left_padding(ref_processor, photos, tiny_untied):
+    question = {"type": "text", "text": "What is in this picture, in detail?"}
     prompts = [
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
-        [{"role": "user", "content": [{"type": "text", "text": "What is in this picture, in detail?"},
-                                      {"type": "image"}]}],
+        [{"role": "user", "content": [question, {"type": "image"}]}],
     ]
     texts = [ref_processor.apply_chat_template(p, add_generation_prompt=True) for p in prompts]
     batch = ref_processor(
@@ -151,7 +154,9 @@ def test_batch_left_padding(ref_processor, photos, tiny_untied):
     mask, ids = batch["attention_mask"], batch["input_ids"]
     # The first prompt is shorter: it is padded on the left with <|endoftext|>.
     n_pad = int((mask[0] == 0).sum())
-    assert n_pad > 0 and mask[0, :n_pad].eq(0).all() and mask[0, n_pad:].eq(1).all()
+    assert n_pad > 0
+    assert mask[0, :n_pad].eq(0).all()
+    assert mask[0, n_pad:].eq(1).all()
     assert ids[0, :n_pad].eq(151643).all()
     assert mask[1].eq(1).all()
     assert batch["image_grid_thw"].shape == (2, 3)

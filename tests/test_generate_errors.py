@@ -1,15 +1,18 @@
-"""generate.py on bad input: one clear line on stderr, exit status 2, no traceback.
-Two cases run as real processes (started together); the rest call generate.cli in this one."""
+"""generate.py on bad input: one clear line on stderr, exit status 2, no traceback; on Ctrl-C a
+finished line and exit status 130; quiet when its reader stops reading. Some cases run as real
+processes (started together); the rest call generate.cli in this one."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+import fixtures as fx
 import generate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,12 +26,26 @@ IN_PROCESS = {
                                 "over the model's context of 100"),
     "pvm that does not fit": (["--image", CAT, "--pvm", "{tmp}/pvm.safetensors"],
                               "PVM needs layers within 0..3"),
+    "tokenizer.json cut short": (["--model", "{tmp}/cut_tokenizer", "--image", CAT],
+                                 "cannot read {tmp}/cut_tokenizer/tokenizer.json"),
+    "temperature nan": (["--temperature", "nan"], "--temperature must be a number >= 0, got nan"),
+    "top-p 0": (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    "negative max-new-tokens": (["--max-new-tokens", "-5"], "--max-new-tokens must be >= 0"),
+    "report of no token": (["--report", "{tmp}/r.png", "--max-new-tokens", "0"],
+                           "--report needs --max-new-tokens of at least 1"),
+    "no such device": (["--device", "mps"], "--device mps, but this torch sees no mps device"),
+    "not a device": (["--device", "gpu"], "--device gpu is not a device name"),
 }
 AS_PROCESS = {
     "missing image": (["--image", "no/such/photo.jpg"], "image not found: no/such/photo.jpg"),
     "unknown model offline": (["--model", "nobody/no-such-model", "--image", CAT],
                               "nobody/no-such-model"),
+    # an old loader wrote past the tensor here and died of a segmentation fault
+    "weights header span too long": (["--model", "{tmp}/long_span", "--image", CAT],
+                                     "tensor model.language_model.norm.weight: data_offsets"),
 }
+# long answers (greedy: the tiny model does not stop early), cut short by the tests below
+LONG = ["--image", CAT, "--max-new-tokens", "3000", "--temperature", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +66,23 @@ def bad_files(tmp_path_factory, tiny_untied):
     # PVM weights for a decoder layer the 4-layer model does not have
     weights = {"model.language_model.layers.7.pvm_block.text_reducer.weight": torch.zeros(64, 64)}
     save_file(weights, str(tmp / "pvm.safetensors"))
+    # the checkpoint with tokenizer.json cut in half; with model.safetensors whose header gives the
+    # first tensor 4 bytes more than its shape takes
+    for name, changed in (("cut_tokenizer", "tokenizer.json"), ("long_span", "model.safetensors")):
+        (tmp / name).mkdir()
+        for file in Path(tiny_untied).iterdir():
+            if file.name != changed:
+                (tmp / name / file.name).symlink_to(file)
+    text = (Path(tiny_untied) / "tokenizer.json").read_text()
+    (tmp / "cut_tokenizer" / "tokenizer.json").write_text(text[:len(text) // 2])
+    norms = load_file(Path(tiny_untied) / "model.safetensors")["model.language_model.norm.weight"]
+    save_file({"model.language_model.norm.weight": norms}, tmp / "long_span" / "model.safetensors")
+    fx.edit_safetensors_header(tmp / "long_span" / "model.safetensors", four_bytes_more)
     return tmp
+
+
+def four_bytes_more(header, names):
+    header[names[0]]["data_offsets"][1] += 4
 
 
 def command(args, tmp, checkpoint):
@@ -58,17 +91,19 @@ def command(args, tmp, checkpoint):
 
 
 @pytest.fixture(scope="module")
-def processes(tiny_untied):
+def processes(tiny_untied, bad_files):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cases = {case: args for case, (args, _) in AS_PROCESS.items()}
+    cases |= {"ctrl-c": LONG, "closed pipe": LONG}
     started = {}
-    for case, (args, _) in AS_PROCESS.items():
-        line = [sys.executable, str(REPO / "generate.py"), *command(args, None, tiny_untied)]
+    for case, args in cases.items():
+        line = [sys.executable, str(REPO / "generate.py"), *command(args, bad_files, tiny_untied)]
         started[case] = subprocess.Popen(line, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, text=True)
     yield started
     for process in started.values():  # any a deselected test left running
         process.kill()
-        process.communicate()
+        process.wait()
 
 
 def check(status, stdout, stderr, phrase):
@@ -87,7 +122,29 @@ def test_bad_input_exits_2(case, processes):
 
 
 @pytest.mark.parametrize("case", IN_PROCESS)
-def test_bad_input_one_line(case, bad_files, tiny_untied, capsys):
+def test_bad_input_one_line(case, bad_files, tiny_untied, capsys, monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)  # a machine without it
     args, phrase = IN_PROCESS[case]
     status = generate.cli(command(args, bad_files, tiny_untied))
-    check(status, *capsys.readouterr(), phrase)
+    check(status, *capsys.readouterr(), phrase.format(tmp=bad_files))
+
+
+def test_ctrl_c_ends_the_line_and_exits_130(processes):
+    process = processes["ctrl-c"]
+    begun = process.stdout.read(1)  # the answer is streaming
+    process.send_signal(signal.SIGINT)
+    rest, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert len(begun + rest) > 1
+    assert rest.endswith("\n")
+
+
+def test_a_reader_that_stops_reading_ends_it_quietly(processes):
+    """As `generate.py ... | head -c 1`: head reads its byte and exits."""
+    process = processes["closed pipe"]
+    process.stdout.read(1)
+    process.stdout.close()
+    process.wait(timeout=120)
+    assert process.stderr.read() == ""
+    assert process.returncode == 141  # as a process that SIGPIPE ends

@@ -31,8 +31,11 @@ def test_official_sizes_match_the_reference_on_meta(size, total, vision, entries
     with torch.device("meta"):
         ref = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**copy.deepcopy(hf)))
         ours = Qwen3VL(load_qwen.config_from_hf(hf))
-    want = {load_qwen.rename(name, load_qwen.TO_OURS): t.shape for name, t in ref.state_dict().items()}
-    C = want["visual.patch_embed.weight"][0]  # the Conv3d kernel (C, 3, 2, 16, 16) is our Linear (C, 1536)
+    want = {
+        load_qwen.rename(name, load_qwen.TO_OURS): t.shape for name, t in ref.state_dict().items()
+    }
+    # the Conv3d kernel (C, 3, 2, 16, 16) is our Linear (C, 1536)
+    C = want["visual.patch_embed.weight"][0]
     want["visual.patch_embed.weight"] = torch.Size([C, 3 * 2 * 16 * 16])
     tied = ref.lm_head.weight is ref.model.language_model.embed_tokens.weight
     if tied:  # filled once, as the embedding
@@ -46,7 +49,8 @@ def test_official_sizes_match_the_reference_on_meta(size, total, vision, entries
 
 
 def one_photo_prompt(ref_processor, photos):
-    messages = [{"role": "user", "content": [{"type": "image", "image": photos["chelsea"].reduce(2)},
+    image = photos["chelsea"].reduce(2)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
                                              {"type": "text", "text": "Describe this image."}]}]
     return ref_processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
                                              return_dict=True, return_tensors="pt")
@@ -70,7 +74,8 @@ def test_tied_checkpoint_that_keeps_lm_head(tiny_tied, tmp_path, ref_processor, 
     inputs = one_photo_prompt(ref_processor, photos)
     with torch.no_grad():
         want = fx.reference_model(tiny_tied)(**inputs, use_cache=False).logits
-        got = load_qwen.load_model(tmp_path)(inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"])
+        ours = load_qwen.load_model(tmp_path)
+        got = ours(inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"])
     assert (got - want).abs().max() <= 1e-4
 
 
@@ -82,21 +87,25 @@ def test_sharded_checkpoint(tiny_untied, tmp_path, ref_processor, photos):
     inputs = one_photo_prompt(ref_processor, photos)
     with torch.no_grad():
         want = ref(**inputs, use_cache=False).logits
-        got = load_qwen.load_model(tmp_path)(inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"])
+        ours = load_qwen.load_model(tmp_path)
+        got = ours(inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"])
     assert (got - want).abs().max() <= 1e-4
 
 
-def test_bfloat16_is_as_close_to_float32_as_the_reference_in_bfloat16(tiny_tied, ref_processor, photos):
+def test_bfloat16_is_as_close_to_float32_as_the_reference_in_bfloat16(tiny_tied, ref_processor,
+                                                                       photos):
     """The yardstick for our bf16 error is the reference's own: transformers in bf16 against
     transformers in f32, on the same prompt. Ours may be at most twice that."""
     inputs = one_photo_prompt(ref_processor, photos)
     ref_bf16 = Qwen3VLForConditionalGeneration.from_pretrained(
-        tiny_tied, dtype=torch.bfloat16, attn_implementation=fx.REFERENCE_ATTN_IMPLEMENTATION).eval()
+        tiny_tied, dtype=torch.bfloat16, attn_implementation=fx.REFERENCE_ATTN_IMPLEMENTATION
+    ).eval()
     ours = load_qwen.load_model(tiny_tied, dtype=torch.bfloat16)
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
     with torch.no_grad():
         want = fx.reference_model(tiny_tied)(**inputs, use_cache=False).logits
-        reference_error = (ref_bf16(**inputs, use_cache=False).logits.float() - want).abs().max().item()
+        ref_bf16_logits = ref_bf16(**inputs, use_cache=False).logits.float()
+        reference_error = (ref_bf16_logits - want).abs().max().item()
         got = ours(inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"])
     assert got.dtype == torch.bfloat16
     our_error = (got.float() - want).abs().max().item()

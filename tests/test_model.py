@@ -78,7 +78,8 @@ def test_a_saved_model_loads_back_and_transformers_reads_it(tmp_path, tiny_untie
     again = load_qwen.load_model(tmp_path)
     assert again.config == model.config
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
-    messages = [{"role": "user", "content": [{"type": "image", "image": photos["chelsea"].reduce(2)},
+    image = photos["chelsea"].reduce(2)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
                                              {"type": "text", "text": "What is this?"}]}]
     inputs = ref_processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
                                                return_dict=True, return_tensors="pt")

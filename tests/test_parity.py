@@ -20,8 +20,10 @@ def text(s):
 CASES = {
     "text only": [[{"role": "user", "content": [text("Hello, world! Tell me a joke.")]}]],
     "one photo": [[{"role": "user", "content": [image("chelsea"), text("Describe this image.")]}]],
-    "two photos, two sizes": [[{"role": "user", "content": [  # a portrait (rows > columns) and a square
-        image("rocket, portrait"), text("Compare it with"), image("astronaut"), text("Which is taller?")]}]],
+    # a portrait (rows > columns) and a square
+    "two photos, two sizes": [[{"role": "user", "content": [
+        image("rocket, portrait"), text("Compare it with"),
+        image("astronaut"), text("Which is taller?")]}]],
     "system + multi-turn": [[  # content given as a plain string, too
         {"role": "system", "content": "Answer in as few words as possible."},
         {"role": "user", "content": [image("coffee"), text("What is in the cup?")]},
@@ -29,7 +31,8 @@ CASES = {
         {"role": "user", "content": [text("Hot or cold?")]}]],
     "padded batch": [  # left padding on the shorter prompts; one has no image at all
         [{"role": "user", "content": [image("camera"), text("Hi")]}],
-        [{"role": "user", "content": [text("What is in this picture, in detail?"), image("chelsea")]}],
+        [{"role": "user", "content": [text("What is in this picture, in detail?"),
+                                      image("chelsea")]}],
         [{"role": "user", "content": [text("What is two plus two? Answer in one word.")]}]],
 }
 
@@ -42,14 +45,16 @@ def chat(case, photos):
     def parts(content):
         if isinstance(content, str):
             return content
-        return [{**p, "image": photos[p["image"]].reduce(2)} if "image" in p else p for p in content]
-    return [[{**m, "content": parts(m["content"])} for m in conversation] for conversation in CASES[case]]
+        return [{**p, "image": photos[p["image"]].reduce(2)} if "image" in p else p
+                for p in content]
+    return [[{**m, "content": parts(m["content"])} for m in conversation]
+            for conversation in CASES[case]]
 
 
 def reference_inputs(ref_processor, conversations):
     return ref_processor.apply_chat_template(
-        conversations, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt",
-        processor_kwargs={"padding": True})
+        conversations, tokenize=True, add_generation_prompt=True, return_dict=True,
+        return_tensors="pt", processor_kwargs={"padding": True})
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +69,8 @@ def test_prompt_ids_equal_the_processor(case, tokenizer, ref_processor, photos):
     ids, pixel_values, grid = load_qwen.encode_chat(tokenizer, conversation)
     assert ids.tolist() == want["input_ids"].tolist()
     if "pixel_values" not in want:
-        assert pixel_values is None and grid is None
+        assert pixel_values is None
+        assert grid is None
     else:
         assert torch.equal(grid, want["image_grid_thw"])
         assert torch.equal(pixel_values, want["pixel_values"])
@@ -88,7 +94,8 @@ def test_logits_equal_the_reference(case, models, ref_processor, photos):
     real = inputs["attention_mask"].bool()  # padding positions are compared nowhere
     assert len(CASES[case]) == 1 or not real.all()
     delta = (got - want).abs()[real].max().item()
-    print(f"max |dlogit| {case}, {'tied' if ours.config.tie_word_embeddings else 'untied'}: {delta:.2e}")
+    tying = "tied" if ours.config.tie_word_embeddings else "untied"
+    print(f"max |dlogit| {case}, {tying}: {delta:.2e}")
     assert delta <= 1e-4
     assert torch.equal(got.argmax(-1)[real], want.argmax(-1)[real])  # the same greedy tokens
 
@@ -97,7 +104,8 @@ def test_text_only_padded_batch_equals_each_prompt_alone(models, ref_processor):
     """Without images the reference's plain forward counts positions from the first (padding)
     token, so the oracle here is the reference on each prompt alone, unpadded."""
     ref, ours = models
-    conversations = [[{"role": "user", "content": [text(s)]}] for s in ("Hi", "Tell me a story about a cat.")]
+    prompts = ("Hi", "Tell me a story about a cat.")
+    conversations = [[{"role": "user", "content": [text(s)]}] for s in prompts]
     batch = reference_inputs(ref_processor, conversations)
     with torch.no_grad():
         got = ours(batch["input_ids"], attention_mask=batch["attention_mask"])

@@ -42,7 +42,8 @@ DERIVED = {  # name -> how the image is made from the real photos
 }
 
 
-PHOTOS = ["chelsea", "astronaut", "coffee", "camera", "rocket", "chelsea_rgba", "coffee_p"]  # RGB, L, RGBA, P
+# modes RGB, L, RGBA, P
+PHOTOS = ["chelsea", "astronaut", "coffee", "camera", "rocket", "chelsea_rgba", "coffee_p"]
 
 
 @pytest.mark.parametrize("name", PHOTOS + list(DERIVED))
@@ -57,7 +58,8 @@ def test_pixel_values_equal_the_reference(name, photos, reference):
 
 
 def test_a_6000x4000_photo_is_scaled_down_to_the_pixel_budget(photos, reference):
-    image = photos["coffee"].resize((6000, 4000), Image.BICUBIC)  # 24 M pixels, over the 16.8 M budget
+    # 24 M pixels, over the 16.8 M budget
+    image = photos["coffee"].resize((6000, 4000), Image.BICUBIC)
     h, w = assert_same_as_reference(image, reference)
     assert h * w * 16 * 16 <= MAX_PIXELS < image.width * image.height
     assert (h, w) == (208, 312)
@@ -92,7 +94,8 @@ FILES = {  # file name -> how it is written
 
 
 @pytest.mark.parametrize("name, key", [(name, "image") for name in FILES] + [("plain.jpg", "path")])
-def test_image_files_in_a_chat_equal_the_processor(name, key, tmp_path, photos, tokenizer, ref_processor):
+def test_image_files_in_a_chat_equal_the_processor(name, key, tmp_path, photos, tokenizer,
+                                                   ref_processor):
     """The reference opens files with transformers.image_utils.load_image: EXIF orientation
     applied, then a plain RGB conversion; the file may be named by "image" or "path"."""
     FILES[name](photos, tmp_path / name)

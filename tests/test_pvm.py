@@ -21,15 +21,18 @@ def test_parameter_counts_match_the_paper(size, total):
     config = load_qwen.config_from_hf(json.loads((OFFICIAL / f"config-{size}.json").read_text()))
     with torch.device("meta"):
         model = pvm.attach_pvm(Qwen3VL(config), pvm.PRESETS[size], 512)
-    counts = [sum(p.numel() for p in model.layers[i].pvm_block.parameters()) for i in pvm.PRESETS[size]]
-    assert sum(counts) == total and len(set(counts)) == 1
+    layers = [model.layers[i] for i in pvm.PRESETS[size]]
+    counts = [sum(p.numel() for p in layer.pvm_block.parameters()) for layer in layers]
+    assert sum(counts) == total
+    assert len(set(counts)) == 1
 
 
 def prompt(photo, text_ids):
     """input_ids (1, T) holding one image, with its pixel_values and grid."""
     pixel_values, grid = preprocess_image(photo)
     n = int(grid.prod()) // 4
-    ids = [151644, 872, 198, VSTART] + [IMAGE] * n + [VEND] + text_ids + [151645, 198, 151644, 77091, 198]
+    image_ids = [VSTART] + [IMAGE] * n + [VEND]
+    ids = [151644, 872, 198] + image_ids + text_ids + [151645, 198, 151644, 77091, 198]
     return torch.tensor([ids]), pixel_values, grid
 
 
@@ -52,12 +55,14 @@ def test_identity_at_init_and_the_gate_gets_a_gradient(tiny_untied, pvm_model, p
     assert torch.equal(logits, base(ids, pv, grid))  # gate 0: exactly the base model
     F.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
     gates = [pvm_model.layers[i].pvm_block.gate_alpha for i in (1, 3)]
-    assert all(g.grad is not None and g.grad.abs().item() > 0 for g in gates)
+    assert all(g.grad is not None for g in gates)
+    assert all(g.grad.abs().item() > 0 for g in gates)
     for p in pvm_model.parameters():
         p.grad = None
 
 
-def test_branch_writes_only_at_text_positions_of_prompts_with_an_image(tiny_untied, pvm_model, photos):
+def test_branch_writes_only_at_text_positions_of_prompts_with_an_image(tiny_untied, pvm_model,
+                                                                       photos):
     base = load_qwen.load_model(tiny_untied)
     block = pvm_model.layers[1].pvm_block
     outputs = []
@@ -72,7 +77,8 @@ def test_branch_writes_only_at_text_positions_of_prompts_with_an_image(tiny_unti
     hook.remove()
     with_image, without = outputs[0][0].abs().sum(-1), outputs[1][0].abs().sum(-1)  # (T,)
     is_image = ids[0] == IMAGE
-    assert (with_image[is_image] == 0).all() and (with_image[~is_image] > 0).all()
+    assert (with_image[is_image] == 0).all()
+    assert (with_image[~is_image] > 0).all()
     assert (without == 0).all()
     assert torch.equal(text_logits, base(text_only))
 
@@ -129,16 +135,19 @@ def test_one_block_against_the_formula_written_out(pvm_model):
     def rms(x, w=1.0):
         return w * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
     W = {k: v for k, v in block.state_dict().items()}
-    t = rms(a @ W["text_reducer.weight"].T, W["input_norm.weight"])[0]               # (3, d)
-    v = (bank @ W["vision_reducer.weight"].T)[0, :4]                                # padding dropped
-    k, val = rms(v @ W["cross_attn.k_proj.weight"].T, W["cross_attn.k_norm.weight"]), v @ W["cross_attn.v_proj.weight"].T
+    t = rms(a @ W["text_reducer.weight"].T, W["input_norm.weight"])[0]  # (3, d)
+    v = (bank @ W["vision_reducer.weight"].T)[0, :4]                    # padding dropped
+    k = rms(v @ W["cross_attn.k_proj.weight"].T, W["cross_attn.k_norm.weight"])
+    val = v @ W["cross_attn.v_proj.weight"].T
     heads = []
     for h in range(2):  # two query heads of 32 sharing one key/value head
-        q = rms(t @ W["cross_attn.q_proj.weight"][32 * h:32 * h + 32].T, W["cross_attn.q_norm.weight"])
+        q_proj = W["cross_attn.q_proj.weight"][32 * h:32 * h + 32]
+        q = rms(t @ q_proj.T, W["cross_attn.q_norm.weight"])
         heads.append(torch.softmax(q @ k.T / 32**0.5, dim=-1) @ val)
     m = torch.cat(heads, -1) @ W["cross_attn.o_proj.weight"].T
     x = rms(m, W["post_attn_norm.weight"])
-    m = m + (F.silu(x @ W["mlp.gate_proj.weight"].T) * (x @ W["mlp.up_proj.weight"].T)) @ W["mlp.down_proj.weight"].T
+    hidden = F.silu(x @ W["mlp.gate_proj.weight"].T) * (x @ W["mlp.up_proj.weight"].T)
+    m = m + hidden @ W["mlp.down_proj.weight"].T
     want = 0.7 * rms(m @ W["output_expander.weight"].T)
     want[1] = 0  # the visual query position is silenced
     assert (got[0] - want).abs().max() <= 1e-5
@@ -151,12 +160,14 @@ def test_save_load_round_trip_and_refusals(tiny_untied, pvm_model, tmp_path):
     with torch.no_grad():
         pvm_model.layers[3].pvm_block.gate_alpha.zero_()
     loaded = load_qwen.load_model(tiny_untied, pvm_file=tmp_path / "pvm.safetensors")
-    assert loaded.config.pvm_layers == (1, 3) and loaded.config.pvm_dim == 64
+    assert loaded.config.pvm_layers == (1, 3)
+    assert loaded.config.pvm_dim == 64
     assert loaded.layers[3].pvm_block.gate_alpha.item() == 0.25
     for name, tensor in pvm.pvm_state_dict(loaded).items():
         if "gate_alpha" not in name:
             assert torch.equal(tensor, pvm.pvm_state_dict(pvm_model)[name])
-    for layers, d, message in [([0, 2], 64, r"layers \[0, 2\] with width 64"), ([1, 3], 32, "width 32")]:
+    refusals = [([0, 2], 64, r"layers \[0, 2\] with width 64"), ([1, 3], 32, "width 32")]
+    for layers, d, message in refusals:
         other = pvm.attach_pvm(load_qwen.load_model(tiny_untied), layers, d)
         pvm.save_pvm(other, tmp_path / "other.safetensors")
         with pytest.raises(ValueError, match=message):

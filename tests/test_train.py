@@ -2,6 +2,7 @@
 weighting, the held-out split, learning, resuming after a crash, what autograd records, gradient
 checkpointing, an official-layout checkpoint, the tiny run's backbone read by generate.py.
 The command line (torchrun, bad input) is in test_train_cli.py."""
+import copy
 import hashlib
 import json
 import random
@@ -90,7 +91,7 @@ def test_loss_mask_is_exactly_the_replies_in_both_formats(tmp_path):
               "<|im_start|>assistant\n\n<|im_start|>user\nColour?<|im_end|>\n"
               "<|im_start|>assistant\n\n")
     for sample in data.read_jsonl(tmp_path / "data.jsonl"):
-        input_ids, _, _, mask = train.encode(sample, tokenizer, "cpu")
+        input_ids, _, _, mask = load_qwen.encode_chat_for_training(tokenizer, sample[0])
         decode = lambda ids: tokenizer.decode(ids.tolist(), skip_special_tokens=False)
         assert decode(input_ids[mask]) == "A square.<|im_end|>Red.<|im_end|>"
         assert decode(input_ids[~mask]) == prompt
@@ -111,9 +112,10 @@ def test_data_errors_name_file_and_line(tmp_path):
     cases = {  # the message -> a record that gives it
         "message content must be a string or a list of parts": {
             "images": ["a.png"], "messages": [{"role": "user", "content": 5}]},
-        "unknown role 'robot'": {"images": ["a.png"], "messages": [{"role": "robot", "content": "?"}]},
+        "unknown role 'robot'": {"images": ["a.png"],
+                                 "messages": [{"role": "robot", "content": "?"}]},
         "more image placeholders than images": {"messages": turns},
-        "1 image(s) more than image placeholders": {"images": ["a.png", "b.png"], "messages": turns},
+        "1 image(s) more than image placeholders": {"images": ["a", "b"], "messages": turns},
         'expected a list of turns under "conversations"': {"image": "a.png", "conversations": "?"},
         "images must be a path or a list of paths": {"images": [3], "messages": turns},
     }
@@ -140,7 +142,8 @@ def test_an_accumulated_step_takes_the_mean_over_all_reply_tokens(tmp_path, monk
     model, tokenizer = train.build_model(args, None, "cpu", torch.float32), data.tiny_tokenizer()
     losses = []  # per token, of both samples
     for sample in data.read_jsonl(path):
-        input_ids, pixel_values, grid, mask = train.encode(sample, tokenizer, "cpu")
+        input_ids, pixel_values, grid, mask = load_qwen.encode_chat_for_training(tokenizer,
+                                                                                 sample[0])
         logits = model.train()(input_ids, pixel_values, grid)  # (1, T, V)
         predicts = mask[:, 1:]  # position t predicts token t + 1
         target = input_ids[:, 1:][predicts]
@@ -202,7 +205,7 @@ def test_resume_after_a_crash_gives_the_same_weights(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_base(tmp_path_factory):
     """The tiny model with its gates opened (as after some training), and one built-in sample."""
     args = tiny_args(tmp_path_factory.mktemp("tiny"))
     model, tokenizer = train.build_model(args, None, "cpu", torch.float32), data.tiny_tokenizer()
@@ -211,7 +214,14 @@ def tiny(tmp_path_factory):
             model.layers[i].pvm_block.gate_alpha.fill_(0.5)
     held_out, samples, _ = data.load_data(None, tokenizer, args.max_len, args.seed,
                                           args.eval_samples, args.synthetic_samples)
-    return model, train.encode(samples[0], tokenizer, "cpu")
+    return model, load_qwen.encode_chat_for_training(tokenizer, samples[0][0])
+
+
+@pytest.fixture
+def tiny(tiny_base):
+    """A copy per test: tests switch modes and leave gradients, which must not reach the next."""
+    model, batch = tiny_base
+    return copy.deepcopy(model), batch
 
 
 def test_nothing_below_the_first_pvm_layer_is_in_the_graph(tiny):
@@ -272,7 +282,7 @@ def test_the_tiny_run_writes_a_backbone_that_generate_reads(tmp_path):
     assert model.layers[1].pvm_block.gate_alpha.item() != 0
     loaded = load_qwen.load_model(out / "backbone", pvm_file=out / "pvm.safetensors")
     sample = data.synthetic_sample(random.Random(7))
-    batch = train.encode((sample, "test"), data.tiny_tokenizer(), "cpu")[:3]
+    batch = load_qwen.encode_chat_for_training(data.tiny_tokenizer(), sample)[:3]
     with torch.no_grad():
         assert torch.equal(loaded(*batch), model(*batch))
     Image.new("RGB", (48, 40), "blue").save(tmp_path / "blue.png")

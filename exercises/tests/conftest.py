@@ -1,0 +1,44 @@
+"""pytest configuration of the exercises' tests: import paths, one marker per exercise
+(`pytest -m ex03`), and the reference models that several exercises share."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+for path in (ROOT, ROOT / "tests", ROOT / "exercises", HERE):  # the project, fixtures.py, course.py
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import checks  # noqa: E402  (needs the paths above)
+from course import EXERCISES  # noqa: E402
+
+
+def pytest_configure(config):
+    for exercise in EXERCISES:
+        config.addinivalue_line("markers", f"{exercise.marker}: exercise {exercise.number}, "
+                                           f"{exercise.title}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models' tensors are too small to share between threads: on a busy machine a
+    second thread mostly waits for a core (a forward pass can take ten times as long)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def models():
+    """(transformers' tiny model, ours) with the same random weights: see checks.models."""
+    return checks.models()
+
+
+@pytest.fixture(scope="session")
+def photos():
+    import fixtures
+    return fixtures.photos()

@@ -1,0 +1,111 @@
+"""The course (exercises/): every exercise names functions that exist, has its tests, its section
+in the handout and three or more mutants; the student copy blanks exactly the exercises' bodies
+and nothing else; and, in one run of exercises/mutants.py, every mutant fails its exercise's
+tests while the blank copy fails every exercise test by NotImplementedError and grades 0.
+The exercise tests themselves run in this suite too (conftest.py adds exercises/tests)."""
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "exercises"))
+
+import course  # noqa: E402  (the path above)
+import make  # noqa: E402
+import mutants  # noqa: E402
+
+
+def test_every_exercise_is_complete():
+    handout = (REPO / "exercises" / "README.md").read_text()
+    numbers = [e.number for e in course.EXERCISES]
+    assert numbers == sorted(set(numbers)), f"exercise numbers {numbers}: not increasing"
+    for exercise in course.EXERCISES:
+        for qualname in exercise.functions:
+            make.function_source(qualname)  # raises, naming it, if it is not there
+        tests = (REPO / "exercises" / "tests" / exercise.tests).read_text()
+        assert f"pytestmark = pytest.mark.{exercise.marker}" in tests, exercise.tests
+        assert f"\n## Exercise {exercise.number}: " in handout, f"no section for {exercise.number}"
+        own = [m for m in mutants.MUTANTS if m.exercise == exercise.number]
+        assert len(own) >= 3, f"exercise {exercise.number} has {len(own)} mutants, not 3 or more"
+        for mutant in own:
+            assert mutant.function in exercise.functions, (mutant.name, mutant.function)
+            assert mutants.mutant_source(mutant) != make.function_source(mutant.function)
+
+
+def stripped(source, qualnames):
+    """The module's AST as text, with the bodies of `qualnames` (module-relative names) reduced
+    to their docstrings: what must be equal between the project and the student copy."""
+    tree = ast.parse(source)
+    for names in qualnames:
+        node = make.find_function(tree, names, ".".join(names))
+        node.body = node.body[:1] if make.has_docstring(node) else []
+    return ast.dump(tree)
+
+
+def blank_body(node, message):
+    """Whether a function's body is its docstring (if any), then the exercise's raise alone."""
+    body = node.body[1:] if make.has_docstring(node) else node.body
+    return (len(body) == 1 and isinstance(body[0], ast.Raise)
+            and ast.unparse(body[0]) == f"raise NotImplementedError({message!r})")
+
+
+def test_the_student_copy_blanks_the_exercises_and_nothing_else(tmp_path):
+    copy = make.make_copy(tmp_path / "hw", blank=[e.number for e in course.EXERCISES])
+    copied = make.project_files(REPO)
+    assert "exercises/mutants.py" not in copied and "tests/test_exercises.py" not in copied
+    assert not (copy / "exercises" / "mutants.py").exists()
+    assert (copy / "exercises" / "README.md").exists() and (copy / "cat.jpg").exists()
+    blanked = {}  # file -> [(names, message)]
+    for exercise in course.EXERCISES:
+        for qualname in exercise.functions:
+            path, names = make.locate(qualname)
+            blanked.setdefault(path, []).append((names, exercise.message))
+    for relative in copied:
+        original, student = REPO / relative, copy / relative
+        if relative not in blanked:
+            assert student.read_bytes() == original.read_bytes(), f"{relative} differs"
+            continue
+        ours, theirs = original.read_text(), student.read_text()
+        names = [n for n, _ in blanked[relative]]
+        assert stripped(ours, names) == stripped(theirs, names), f"{relative}: more than bodies"
+        tree = ast.parse(theirs)
+        for names, message in blanked[relative]:
+            node = make.find_function(tree, names, ".".join(names))
+            assert blank_body(node, message), f"{relative}: {'.'.join(names)} is not blank"
+            if make.has_docstring(node):  # the docstring is kept, word for word
+                original_node = make.find_function(ast.parse(ours), names, "")
+                assert ast.get_docstring(node) == ast.get_docstring(original_node)
+
+
+def test_only_the_chosen_exercises_are_blank(tmp_path):
+    copy = make.make_copy(tmp_path / "hw", blank=[3])
+    tree = ast.parse((copy / "model.py").read_text())
+    assert blank_body(make.find_function(tree, ["rope_positions"], ""), course.BY_NUMBER[3].message)
+    forward = make.find_function(tree, ["RMSNorm", "forward"], "")
+    assert not blank_body(forward, course.BY_NUMBER[1].message)
+    assert (copy / "vision.py").read_bytes() == (REPO / "vision.py").read_bytes()
+
+
+def test_make_refuses_a_directory_that_holds_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not an empty directory"):
+        make.make_copy(tmp_path, blank=[1])
+    assert make.main(["--out", str(tmp_path), "--only", "1"]) == 2
+
+
+def test_every_mutant_is_caught_and_the_blank_copy_fails_cleanly(tmp_path):
+    """One process, which forks a child per check (see exercises/mutants.py); about half a
+    minute on two cores."""
+    result = subprocess.run([sys.executable, str(REPO / "exercises" / "mutants.py"), "--json",
+                             str(tmp_path / "checks.json")], capture_output=True, text=True,
+                            timeout=900)
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    checks = json.loads((tmp_path / "checks.json").read_text())
+    caught = {c["exercise"] for c in checks if c["passed"] and "caught by" in c["detail"]}
+    assert caught == {e.number for e in course.EXERCISES}
+    assert len(checks) == len(mutants.MUTANTS) + len(course.EXERCISES)  # + blank per exercise
