@@ -151,6 +151,7 @@ def test_each_row_stops_at_its_own_stop_token(model, batch, greedy):
     assert answers == [until(row, stops) for row in greedy]
     assert max(map(len, answers)) <= 4
     assert len(heads) == max(map(len, answers))  # the prefill, then one step per later token
+    assert ours(model, batch, max_new_tokens=0, num_samples=2) == [[]] * 6
 
 
 def test_the_cache_grows_with_the_answer_not_the_cap(model, tiny_untied):
