@@ -311,13 +311,14 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", nargs="*", default=["tiny", "110m"], choices=["tiny", "110m", "4b"],
                    help="sizes for the generation measurement (none: skip it)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N, for both sides")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the weights' dtype, for both sides")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for both sides; one suits "
                    "the tiny model and is steady on a shared machine")
     p.add_argument("--runs", type=int, default=5,
                    help="timed runs per side; the median is reported")
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
     p.add_argument("--batch-sizes", type=int, nargs="+",
                    help="prompts decoded together (default: 1 8, and 32 on CUDA)")
     p.add_argument("--modes", nargs="+", default=["plain", "compile"], choices=MODES,

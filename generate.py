@@ -91,11 +91,11 @@ def checked_length(model, input_ids, attention_mask, max_new_tokens, temperature
                    num_samples):
     """max_new_tokens, cut to what the context leaves; a ValueError for what cannot be done."""
     T, context = input_ids.size(1), model.config.max_position_embeddings
-    bad_options = (temperature < 0 or max_new_tokens < 1 or num_samples < 1
+    bad_options = (temperature < 0 or max_new_tokens < 0 or num_samples < 1
                    or top_p is not None and not 0 < top_p <= 1
                    or top_k is not None and top_k < 0)
     if bad_options:
-        raise ValueError("need temperature >= 0, 0 < top-p <= 1, top-k >= 0, max-new-tokens >= 1 "
+        raise ValueError("need temperature >= 0, 0 < top-p <= 1, top-k >= 0, max-new-tokens >= 0 "
                          f"and num_samples >= 1; got {temperature}, {top_p}, {top_k}, "
                          f"{max_new_tokens}, {num_samples}")
     if attention_mask is not None and not bool(attention_mask[:, -1].all()):
@@ -177,6 +177,8 @@ def generate_batch(model, input_ids, attention_mask=None, pixel_values=None, ima
     steps = list(decode(model, input_ids, attention_mask, pixel_values, image_grid_thw,
                         max_new_tokens, temperature, top_k, top_p, seed, num_samples, stop_tokens,
                         compile, cuda_graph))
+    if not steps:  # max_new_tokens=0
+        return [[] for _ in range(len(input_ids) * num_samples)]
     answers = []
     for row in torch.stack(steps, dim=1).tolist():                       # (B*G, n)
         end = next((i + 1 for i, token in enumerate(row) if token in stop_tokens), len(row))
@@ -219,8 +221,9 @@ def parse_args(argv=None):
     p.add_argument("--pvm", help="file of trained PVM weights to attach (see pvm.py)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step (the rate shown includes compiling)")
-    p.add_argument("--report", metavar="FILE.png", help="the image's share of attention at every "
-                   "token and layer to FILE.png, the numbers to FILE.json (needs matplotlib)")
+    p.add_argument("--report", metavar="FILE.png", help="the image's share of attention and the "
+                   "logit lens at every token and layer to FILE.png, the numbers to FILE.json "
+                   "(needs matplotlib)")
     return p.parse_args(argv)
 
 

@@ -236,8 +236,10 @@ def run_check(check, log):
     from grade import Recorder, grade
     os.chdir(check.copy)
     # the copy's modules, not this project's: nothing of the project is imported yet but
-    # course, make and grade, whose paths go
-    sys.path[:] = [str(check.copy)] + [p for p in sys.path if not p.startswith(str(ROOT))]
+    # course, make and grade, whose paths go (a virtual environment inside the project stays)
+    project = {str(ROOT / folder) for folder in (".", "tests", "exercises", "exercises/tests")}
+    sys.path[:] = [str(check.copy)] + [p for p in sys.path if str(Path(p or ".").resolve())
+                                       not in project]
     sys.dont_write_bytecode = True
     os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # the tests need no installed plugin
     torch.set_num_threads(1)

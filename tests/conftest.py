@@ -65,3 +65,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def hook_counts(monkeypatch):
+    """Counts, while the test runs, of the forward hooks registered on any module and of the
+    logit lens's runs: what --report and --analysis cost, and nothing without them."""
+    import report
+
+    counts = {"hooks": 0, "lens": 0}
+
+    def counted(function, key):
+        def wrapper(*args, **kwargs):  # a function, so that it binds as the method did
+            counts[key] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    for owner, name, key in ((torch.nn.Module, "register_forward_hook", "hooks"),
+                             (torch.nn.Module, "register_forward_pre_hook", "hooks"),
+                             (report.AttentionReport, "logit_lens", "lens")):
+        monkeypatch.setattr(owner, name, counted(getattr(owner, name), key))
+    return counts

@@ -135,8 +135,9 @@ def test_each_row_stops_at_its_own_stop_token(model, batch, greedy):
         return row[:next((i + 1 for i, t in enumerate(row) if t in stops), len(row))]
 
     stop = greedy[1][5]  # stops row 1 early; the other rows wherever it comes, if it does
-    assert ours(model, batch, max_new_tokens=N, stop_tokens=(stop,)) == [
-        until(row, (stop,)) for row in greedy]
+    cut = ours(model, batch, max_new_tokens=N, stop_tokens=(stop,))
+    assert cut == [until(row, (stop,)) for row in greedy]
+    assert len(cut[1]) <= 6 and max(map(len, cut)) == N  # one row stopped, another went on
     stops = tuple(row[3] for row in greedy)  # every row stops within its first 4 tokens
     heads = []
     hook = model.lm_head.register_forward_hook(lambda m, args, out: heads.append(1))
@@ -150,6 +151,7 @@ def test_each_row_stops_at_its_own_stop_token(model, batch, greedy):
     assert answers == [until(row, stops) for row in greedy]
     assert max(map(len, answers)) <= 4
     assert len(heads) == max(map(len, answers))  # the prefill, then one step per later token
+    assert ours(model, batch, max_new_tokens=0, num_samples=2) == [[]] * 6
 
 
 def test_the_cache_grows_with_the_answer_not_the_cap(model, tiny_untied):
@@ -158,6 +160,7 @@ def test_the_cache_grows_with_the_answer_not_the_cap(model, tiny_untied):
     tokenizer = load_qwen.load_tokenizer(tiny_untied)
     ids, _, _ = load_qwen.encode_chat(tokenizer, user({"type": "text", "text": "Hi there"}))
     T, steps = ids.size(1), []
+    assert T == 10
 
     def watch(attention, args):
         _, _, _, mask, cache = args
@@ -178,7 +181,7 @@ def test_the_cache_grows_with_the_answer_not_the_cap(model, tiny_untied):
     for k, (attended, capacity, numel) in enumerate(steps, start=1):
         assert T + k <= attended == capacity < 2 * (T + k)
         assert numel == per_slot * capacity
-    assert sorted({capacity for _, capacity, _ in steps}) == [16, 32, 64, 128]  # T = 10
+    assert sorted({capacity for _, capacity, _ in steps}) == [16, 32, 64, 128]
 
 
 def test_compiled_batch_is_one_graph_for_every_step_and_capacity(model, batch, greedy):

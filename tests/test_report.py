@@ -1,10 +1,13 @@
 """report.py, behind generate.py --report: the recorded attention shares equal transformers'
-attention weights, recording changes no token, the PVM ratio is non-zero exactly where PVM writes,
-a report that cannot be written is refused before the model loads, and the figure shows every PVM
-layer and says when the prompt holds no image."""
+attention weights and the logit lens its hidden states, recording changes no token and without
+--report nothing is hooked, the PVM ratio is non-zero exactly where PVM writes, a report that
+cannot be written is refused before the model loads, the convergence layer and the position
+buckets on hand-made numbers, and the figure shows every PVM layer and says when the prompt holds
+no image."""
 import json
 import sys
 from functools import partial
+from math import nan
 from pathlib import Path
 
 import pytest
@@ -37,22 +40,32 @@ def recorded(model, prompt, **options):
     return tokens, watcher
 
 
-def test_shares_are_the_reference_attention_weights(tiny_untied):
+@pytest.fixture(scope="module")
+def greedy(tiny_untied):
+    """A greedy answer to the photo, the report that watched it, and the oracle: transformers'
+    eager attention weights and hidden states of one forward over prompt and answer."""
     model, prompt = load_qwen.load_model(tiny_untied), encode(tiny_untied)
     tokens, watcher = recorded(model, prompt)
+    ids = torch.cat([prompt[0], torch.tensor([tokens])], dim=1)
+    reference = fx.reference_model(tiny_untied)
+    with torch.no_grad():
+        out = reference(input_ids=ids, pixel_values=prompt[1], image_grid_thw=prompt[2],
+                        mm_token_type_ids=(ids == IMAGE).int(), output_attentions=True,
+                        output_hidden_states=True)
+    return model, prompt, tokens, watcher, reference, out
+
+
+def test_shares_are_the_reference_attention_weights(greedy):
+    model, prompt, tokens, watcher, _, out = greedy
     assert len(tokens) == N
     assert all(not layer.self_attn._forward_hooks for layer in model.layers)  # hooks gone
+    assert all(not layer._forward_hooks for layer in model.layers)
     mass = torch.stack([torch.stack(steps) for steps in watcher.mass], dim=1)  # (N, layers, nh, 2)
     assert mass.shape == (N, 4, 4, 2)
     assert ((mass >= 0) & (mass <= 1)).all()
     assert (mass.sum(-1) - 1).abs().max() <= 1e-6  # image + text, per head
 
-    # the oracle: transformers' eager attention weights of one forward over prompt and answer
     ids, T = torch.cat([prompt[0], torch.tensor([tokens])], dim=1), prompt[0].size(1)
-    with torch.no_grad():
-        out = fx.reference_model(tiny_untied)(
-            input_ids=ids, pixel_values=prompt[1], image_grid_thw=prompt[2],
-            mm_token_type_ids=(ids == IMAGE).int(), output_attentions=True)
     queries = torch.arange(T - 1, T - 1 + N)  # the query that chose each generated token
     # each layer's weights (1, nh, S, S): rows of those queries, summed over the image's columns
     want = torch.stack([a[0][:, queries][..., ids[0] == IMAGE].sum(-1).T  # (N, nh)
@@ -65,19 +78,54 @@ def test_shares_are_the_reference_attention_weights(tiny_untied):
     assert summary["image_tokens"] == int((prompt[0] == IMAGE).sum())
 
 
-def test_report_changes_no_token(tiny_untied, tmp_path, capsys, monkeypatch):
+def test_lens_is_the_reference_hidden_states_through_norm_and_head(greedy):
+    """transformers' hidden_states are the embeddings, then each layer's output (before DeepStack
+    adds to it), the last one replaced by the final norm's output: the norm applies to all but
+    that one."""
+    _, prompt, tokens, watcher, reference, out = greedy
+    T = prompt[0].size(1)
+    queries = torch.arange(T - 1, T - 1 + N)
+    hidden = out.hidden_states
+    assert len(hidden) == 4 + 1
+    with torch.no_grad():
+        normed = [reference.model.language_model.norm(h[0, queries]) for h in hidden[1:-1]]
+        logits = reference.lm_head(torch.stack(normed + [hidden[-1][0, queries]], dim=1))
+    chosen = torch.tensor(tokens)[:, None, None]                             # (N, 1, 1)
+    want_prob = logits.softmax(-1).gather(-1, chosen.expand(-1, 4, 1))[..., 0]  # (N, layers)
+    want_rank = (logits > logits.gather(-1, chosen.expand(-1, 4, 1))).sum(-1) + 1
+    summary = watcher.summary(tokens)
+    prob, rank = torch.tensor(summary["lens_prob"]), torch.tensor(summary["lens_rank"])
+    assert prob.shape == (N, 4)
+    assert (prob - want_prob).abs().max() <= 1e-5
+    assert (rank == want_rank).all()
+    top1 = logits.argmax(-1).tolist()                                       # (N, layers)
+    want_layers = [report.convergence_layer(t, c) for t, c in zip(top1, tokens)]
+    assert summary["convergence_layer"] == want_layers
+    assert (rank[:, -1] == 1).all()  # greedy: the last layer's lens is the choice itself
+    assert None not in summary["convergence_layer"]
+    assert len(set(summary["convergence_layer"])) > 1  # a test that can tell layers apart
+
+
+def test_report_changes_no_token_and_nothing_is_hooked_without_it(tiny_untied, tmp_path, capsys,
+                                                                   hook_counts):
     args = ["--model", tiny_untied, "--image", CAT, "--max-new-tokens", N, "--seed", 3]  # sampled
-    with monkeypatch.context() as m:
-        m.setattr(generate, "AttentionReport", None)  # the plain path never builds a report
-        assert generate.cli(list(map(str, args))) == 0
+    counts = hook_counts
+    assert generate.cli(list(map(str, args))) == 0
+    assert counts == {"hooks": 0, "lens": 0}
     plain = capsys.readouterr().out
     assert generate.cli(list(map(str, args + ["--report", tmp_path / "report.png"]))) == 0
+    assert counts == {"hooks": 4 + 4, "lens": 1}  # attention and output of each layer; one lens
     assert capsys.readouterr().out == plain
     numbers = json.loads((tmp_path / "report.json").read_text())
     assert len(numbers["tokens"]) == len(numbers["image_share"])
     assert len(numbers["image_share"][0]) == 4
     assert numbers["pvm_layers"] == []
     assert numbers["pvm_ratio"] == []
+    assert torch.tensor(numbers["lens_prob"]).shape == (len(numbers["tokens"]), 4)
+    assert torch.tensor(numbers["lens_rank"]).shape == (len(numbers["tokens"]), 4)
+    # sampled: a token that the last layer did not rank first has no convergence layer
+    for layer, ranks in zip(numbers["convergence_layer"], numbers["lens_rank"], strict=True):
+        assert (layer is None) == (ranks[-1] != 1)
     model = load_qwen.load_model(tiny_untied)
     options = dict(temperature=0.7, top_k=20, top_p=0.8, seed=3)  # generation_config.json's
     assert numbers["tokens"] == list(generate.generate(model, *encode(tiny_untied), N, **options))
@@ -148,18 +196,23 @@ def test_unwritable_report_refused_before_loading(case, tmp_path, capsys, monkey
         assert err == f"error: {message}\n"
 
 
+CONVERGENCE = [3, 2, None, 1, 1]  # 5 tokens: position buckets 1, 2-3, 4-5
+
+
 def numbers(image_tokens, pvm_ratio=(), pvm_layers=()):
     """report.json's numbers for 5 tokens after a prompt of 40, from a 4-layer decoder."""
     share = [[image_tokens / (40 + n)] * 4 for n in range(5)]  # (N, layers)
     return {"prompt_tokens": 40, "image_tokens": image_tokens, "tokens": list(range(5)),
-            "image_share": share, "pvm_layers": list(pvm_layers), "pvm_ratio": list(pvm_ratio)}
+            "image_share": share, "pvm_layers": list(pvm_layers), "pvm_ratio": list(pvm_ratio),
+            "convergence_layer": CONVERGENCE}
 
 
 def test_figure_shows_every_pvm_layer():
-    """The second PVM layer's ratio is ten times the first's: the panel's y range holds both."""
+    """The second PVM layer's ratio is ten times the first's: the panel's y range holds both.
+    The lens panel marks the PVM layers too."""
     ratio = [[0.1 * n, 1.0 * n] for n in range(1, 6)]  # (N, P)
     figure = report.report_figure(numbers(16, ratio, pvm_layers=[1, 3]))
-    share_panel, pvm_panel = figure.axes
+    share_panel, pvm_panel, lens_panel = figure.axes
     assert len(share_panel.texts) == 0  # an image: nothing to explain
     lines = pvm_panel.get_lines()
     assert [line.get_label() for line in lines] == ["PVM at layer 1", "PVM at layer 3"]
@@ -167,6 +220,46 @@ def test_figure_shows_every_pvm_layer():
     for line in lines:
         assert bottom <= min(line.get_ydata())
         assert max(line.get_ydata()) <= top
+    marks = [line for line in lens_panel.get_lines() if line.get_label().startswith("PVM")]
+    assert [line.get_label() for line in marks] == ["PVM at layer 1", "PVM at layer 3"]
+    assert [list(line.get_ydata()) for line in marks] == [[1, 1], [3, 3]]
+
+
+def test_lens_panel_draws_each_token_and_the_mean_of_each_bucket():
+    figure = report.report_figure(numbers(16))
+    assert len(figure.axes) == 2  # no PVM panel
+    tokens, means = figure.axes[1].get_lines()
+    assert tokens.get_label() == "each token"
+    assert list(tokens.get_xdata()) == [1, 2, 3, 4, 5]
+    y = torch.as_tensor(tokens.get_ydata())
+    assert y.nan_to_num(-1).tolist() == [3, 2, -1, 1, 1]  # None in the JSON: NaN, no point
+    assert list(means.get_xdata()) == [1, 2.5, 4.5]  # the mean position of each bucket
+    assert list(means.get_ydata()) == [3, 2, 1]  # the token without a layer left out
+    assert "(no layer for 1 of 5: sampled below" in figure.axes[1].get_title()
+    assert figure.axes[1].get_ylim() == (-0.5, 3.5)  # the 4 layers
+
+
+def test_convergence_layer_of_hand_made_predictions():
+    chosen = 7
+    assert report.convergence_layer([7, 7, 7, 7], chosen) == 0
+    assert report.convergence_layer([1, 2, 7, 7], chosen) == 2
+    assert report.convergence_layer([7, 7, 1, 7], chosen) == 3  # lost at layer 2: from 3 on
+    assert report.convergence_layer([7, 1, 7, 7], chosen) == 2
+    assert report.convergence_layer([1, 7, 7, 1], chosen) is None  # sampled below the top-1
+    assert report.convergence_layer(torch.tensor([3, 7]).tolist(), chosen) == 1
+    assert report.convergence_layer([7], chosen) == 0
+
+
+def test_bucket_means_of_hand_made_values():
+    position = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 3])
+    values = torch.tensor([[1.0, 0], [2, 0], [4, nan], [1, 0], [2, 0], [3, 0], [nan, nan],
+                           [5, 1], [6, 0]], dtype=torch.float64)              # (9, 2)
+    span, centre, tokens, mean, count = report.bucket_means(position, values)
+    assert span.tolist() == [[1, 1], [2, 3], [4, 7], [8, 8]]
+    assert centre.tolist() == [1, 8 / 3, 5.5, 8]
+    assert tokens.tolist() == [1, 3, 4, 1]
+    assert mean.tolist() == [[1, 0], [4, 0], [2, 0], [5, 1]]  # NaN left out
+    assert count.tolist() == [[1, 1], [3, 2], [3, 3], [1, 1]]
 
 
 def test_figure_says_when_the_prompt_has_no_image(tmp_path):
