@@ -36,8 +36,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import train
-from _standins import builtin_sample, prompt_messages, read_samples, score
 from data import image_tokens, synthetic_sample, tiny_tokenizer
+from eval import builtin_sample, prompt_messages, read_samples, score
 from generate import generate_batch
 from load_qwen import check_device, encode_chat, load_tokenizer, resolve_checkpoint, save_model
 from pvm import load_pvm, write_atomic

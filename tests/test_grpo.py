@@ -229,10 +229,33 @@ def test_two_fsdp2_processes_equal_one_unsharded(tmp_path, prepared):
     assert all((exported[0][k] - exported[1][k]).abs().max() <= 1e-6 for k in exported[0])
 
 
+def test_the_reward_is_0_1_for_the_format_and_0_9_for_the_answer():
+    sample = {"question": "Which?", "options": ["red", "blue", "green"], "answer": "B"}
+    cases = {  # completion -> (format, accuracy)
+        "<think>It is blue.</think><answer>B</answer>": (0.1, 0.9),
+        "<think>\nIt is blue.\n</think>\n<answer>\nB\n</answer>": (0.1, 0.9),
+        "<think>It is red.</think><answer>A</answer>": (0.1, 0.0),
+        "<think>a <think>b</think></think><answer>B</answer>": (0.0, 0.9),  # nested
+        "<think>It is blue.</think><answer>B</answer> Sure.": (0.0, 0.9),  # something after
+        "<answer>B</answer>": (0.0, 0.9),
+        "<think>It is blue.</think>B": (0.0, 0.0),  # no <answer>: nothing to score
+        "B": (0.0, 0.0),
+    }
+    for text, parts in cases.items():
+        assert grpo.rewards(text, [], sample, "think_answer", None) == parts, text
+    tokenizer = grpo.tiny_tokenizer()  # --size tiny: the first token alone (one byte here)
+    tiny = {"B": (0.0, 1.0), "Blue": (0.0, 1.0), "C": (0.0, 0.0), " B": (0.0, 0.0)}
+    for text, parts in tiny.items():
+        ids = tokenizer.encode(text).ids
+        assert grpo.rewards(text, ids, sample, "first_token", tokenizer) == parts, text
+
+
 def test_bad_input_names_the_problem(tmp_path):
+    (tmp_path / "text.jsonl").write_text('{"question": "2 + 2?", "answer": "4"}\n')
     cases = {  # extra arguments -> the message
         ("--init", str(tmp_path / "gone.safetensors")): "first, or pass --init none",
         ("--model", str(tmp_path)): "--model does not go with --size tiny",
+        ("--data", str(tmp_path / "text.jsonl")): "no prompt with an image",
     }
     for extra, message in cases.items():
         with pytest.raises(ValueError, match=message):
