@@ -10,8 +10,8 @@ mean over the batch's assistant tokens (each reply's text and its <|im_end|>).
 --data: JSON lines, LLaVA or chat format (data.py); without it, a built-in synthetic task. --out
 gets pvm.safetensors (the PVM weights under the reference names: what `generate.py --pvm` loads),
 state.pt (what --resume needs), log.jsonl, and with --size tiny backbone/, the random backbone as
-a checkpoint directory (for `generate.py --model`). Left out on purpose: the GRPO stage, packing
-samples into one sequence, data loader workers.
+a checkpoint directory (for `generate.py --model`). The second stage, GRPO, is grpo.py. Left out
+on purpose: packing samples into one sequence, data loader workers.
 """
 import argparse
 import json
