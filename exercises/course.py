@@ -57,7 +57,9 @@ EXERCISES = [
     Exercise(8, "the SFT loss and the schedule", 10,
              ("train.AssistantLoss.forward", "train.get_lr"),
              "test_ex08_sft.py"),
-    # 9 is kept for GRPO (advantages and loss) once grpo.py exists: see the README, "For courses"
+    Exercise(9, "GRPO: group advantages and the policy objective", 10,
+             ("grpo.group_advantages", "grpo.PolicyObjective.forward"),
+             "test_ex09_grpo.py"),
     Exercise(10, "measuring visual attention dilution", 5,
              ("exercises.measure.layer_groups", "exercises.measure.dilution",
               "exercises.measure.decay_exponent"),

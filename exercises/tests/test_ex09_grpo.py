@@ -1,0 +1,138 @@
+"""Exercise 9: GRPO's group advantages and policy objective (grpo.group_advantages,
+grpo.PolicyObjective.forward): the advantages against (r - group mean) / (group std + 1e-4)
+written out, the std with Bessel's correction, exactly 0 in an all-equal group; the objective
+against sum A_row * log p(token) over the completion tokens, each row scored alone and unpadded."""
+import pytest
+import torch
+
+import grpo
+import pvm
+from checks import close, equal, image_prompt
+from model import Qwen3VL, tiny_config
+
+pytestmark = pytest.mark.ex09
+
+IM_END = 151645
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny random model with PVM at layers 1 and 3, the gates open (as after some training)."""
+    torch.manual_seed(0)
+    model = pvm.attach_pvm(Qwen3VL(tiny_config()).eval().requires_grad_(False), [1, 3], 64)
+    with torch.no_grad():
+        for i in (1, 3):
+            model.layers[i].pvm_block.gate_alpha.fill_(0.5)
+    return model
+
+
+def advantages_formula(rewards, G):
+    """Group by group, in float64: (r - mean) / (std + 1e-4), std = sqrt(sum (r - mean)^2 /
+    (G - 1)); 0 where every reward of the group is the same."""
+    out = []
+    for start in range(0, len(rewards), G):
+        group = [float(r) for r in rewards[start:start + G]]
+        mean = sum(group) / G
+        std = (sum((r - mean) ** 2 for r in group) / (G - 1)) ** 0.5
+        same = all(r == group[0] for r in group)
+        out += [0.0 if same else (r - mean) / (std + 1e-4) for r in group]
+    return torch.tensor(out, dtype=torch.float64)
+
+
+# 3 prompts of 4 completions: a spread group, an all-equal one, a group with a small std
+REWARDS = torch.tensor([1.0, 0.0, 0.9, 0.1,  0.1, 0.1, 0.1, 0.1,  1.0, 0.9, 1.0, 1.0])
+
+
+def test_the_advantages_are_the_formula_written_out():
+    got, same = grpo.group_advantages(REWARDS.clone(), 4)
+    want = advantages_formula(REWARDS, 4).float()
+    close(got, want, "advantages of 3 groups of 4 (the 3rd with std 0.05)", atol=1e-5, rtol=1e-5)
+    equal(same, torch.tensor([False, True, False]), "which groups are all equal")
+
+
+def test_an_all_equal_group_has_advantages_exactly_0():
+    rewards = torch.tensor([0.1, 0.1, 0.1, 0.9, 0.9, 0.9, 0.3, 0.7, 0.0])
+    got, same = grpo.group_advantages(rewards, 3)
+    assert got.shape == (9,), f"advantages of shape {tuple(got.shape)}, expected (9,)"
+    assert (got[:6] == 0).all(), f"the all-equal groups' advantages {got[:6].tolist()}, expected 0"
+    equal(same, torch.tensor([True, True, False]), "which groups are all equal")
+    close(got, advantages_formula(rewards, 3).float(), "advantages of 3 groups of 3", atol=1e-5,
+          rtol=1e-5)
+
+
+def test_the_groups_are_consecutive_rewards():
+    """Two prompts of 2: [0, 1] and [5, 5]. Groups taken across prompts ([0, 5], [1, 5]) give
+    no all-equal group."""
+    got, same = grpo.group_advantages(torch.tensor([0.0, 1.0, 5.0, 5.0]), 2)
+    want = advantages_formula(torch.tensor([0.0, 1.0, 5.0, 5.0]), 2).float()
+    close(got, want, "advantages of the groups [0, 1] and [5, 5]", atol=1e-5, rtol=1e-5)
+    equal(same, torch.tensor([False, True]), "which groups are all equal")
+
+
+COMPLETIONS = [[72, 13, IM_END], [73, IM_END], [74, 75, 76, 77], [78, 79, 80, IM_END]]
+ADVANTAGES = torch.tensor([0.7, -1.3, 0.5, 0.9])  # made up: the 3rd row is truncated
+
+
+def batch():
+    """One prompt with an image and its 4 completions, right-padded by grpo.group_batch; the
+    third ends without a stop token (truncated) and is out of the loss mask."""
+    ids, grid = image_prompt([3838, 30, IM_END, 198, 151644, 77091, 198], (8, 8))
+    torch.manual_seed(1)
+    prompt = (ids, torch.randn(64, 1536), grid)
+    return prompt, grpo.group_batch(prompt, COMPLETIONS, {IM_END}, 151655, ADVANTAGES.clone())
+
+
+def objective_formula(model, prompt):
+    """Each completion that ends with a stop token, alone and unpadded after its prompt: position
+    T - 1 + j predicts completion token j; sum of A_row * log p(token) over those tokens."""
+    ids, pixel_values, grid = prompt
+    T, total, count = ids.size(1), 0.0, 0
+    for completion, advantage in zip(COMPLETIONS, ADVANTAGES.tolist()):
+        if completion[-1] != IM_END:
+            continue  # truncated: out of the loss
+        n = len(completion)
+        logits = model(torch.cat([ids, torch.tensor([completion])], dim=1), pixel_values, grid)
+        logp = logits[0, T - 1:T - 1 + n].float().log_softmax(dim=-1)        # (n, V)
+        total = total + advantage * logp[torch.arange(n), completion].sum()
+        count += n
+    return total, count
+
+
+def test_the_objective_is_the_formula_written_out(model):
+    prompt, tensors = batch()
+    with torch.no_grad():
+        got = grpo.PolicyObjective(model)(*tensors)
+        want, count = objective_formula(model, prompt)
+    assert count == 3 + 2 + 4
+    assert got.dim() == 0, f"the objective has shape {tuple(got.shape)}, expected a scalar"
+    close(got.float(), want, "sum of A * log p over the 9 completion tokens of 3 rows", atol=1e-4,
+          rtol=1e-5)
+
+
+def test_the_objective_follows_the_advantages_row_by_row(model):
+    """Only row 2's advantage nonzero: the sum over its 2 tokens; only the truncated row's: 0."""
+    prompt, (*tensors, _) = batch()
+    ids, pixel_values, grid = prompt
+    with torch.no_grad():
+        objective = grpo.PolicyObjective(model)
+        second = objective(*tensors, torch.tensor([0.0, 2.0, 0.0, 0.0]))
+        truncated = objective(*tensors, torch.tensor([0.0, 0.0, 2.0, 0.0]))
+        T = ids.size(1)
+        logits = model(torch.cat([ids, torch.tensor([COMPLETIONS[1]])], dim=1), pixel_values, grid)
+        logp = logits[0, T - 1:T + 1].float().log_softmax(dim=-1)
+        want = 2.0 * logp[torch.arange(2), COMPLETIONS[1]].sum()
+    close(second.float(), want, "row 2 alone (advantage 2, tokens 73 and <|im_end|>)", atol=1e-4,
+          rtol=1e-5)
+    assert truncated.item() == 0, (
+        f"only the truncated row's advantage nonzero gives {truncated.item():.6g}, expected 0: "
+        "its tokens are out of the loss mask")
+
+
+def test_the_gradient_reaches_pvm(model):
+    _, tensors = batch()
+    grpo.PolicyObjective(model)(*tensors).backward()
+    block = model.layers[1].pvm_block
+    grads = {name: p.grad for name, p in block.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    for name, grad in grads.items():
+        assert grad is not None and grad.abs().max() > 0, f"layer 1 PVM {name}: no gradient"
