@@ -25,7 +25,8 @@ BLANK = re.compile(r"NotImplementedError: exercise (\d+):")
 class Recorder:
     """A pytest plugin that keeps, per test, its exercise, its outcome (setup, call and teardown
     together), the first line of its failure and, for a blank function's NotImplementedError, the
-    exercise that raised it; and the files whose tests could not be collected."""
+    exercise that raised it; and the files whose tests could not be collected. pytest itself prints
+    no tracebacks here (--tb=no): the report names each exercise's first failure."""
 
     def __init__(self):
         self.exercise_of = {exercise.tests: exercise.number for exercise in EXERCISES}
@@ -85,7 +86,8 @@ def grade(numbers, root=ROOT, pytest_args=(), recorder=None):
     files = [str(root / "exercises" / "tests" / BY_NUMBER[n].tests) for n in numbers]
     recorder = recorder or Recorder()
     code = pytest.main(["-q", "-p", "no:cacheprovider", "--rootdir", str(root),
-                        "--continue-on-collection-errors", "--tb=short", *pytest_args, *files],
+                        "--continue-on-collection-errors", "--tb=no", "-rN", "--disable-warnings",
+                        *pytest_args, *files],
                        plugins=[recorder])
     if code in (pytest.ExitCode.INTERNAL_ERROR, pytest.ExitCode.USAGE_ERROR,
                 pytest.ExitCode.INTERRUPTED) or not (recorder.tests or recorder.broken):
@@ -94,14 +96,18 @@ def grade(numbers, root=ROOT, pytest_args=(), recorder=None):
         return 2
     print()
     earned = total = 0
+    failed = []
     for number in numbers:
         exercise = BY_NUMBER[number]
         passed, note = verdict(exercise, recorder.tests, recorder.broken)
         points = exercise.points if passed else 0
         earned, total = earned + points, total + exercise.points
+        failed += [] if passed else [exercise]
         print(f"exercise {number} {exercise.title}: {'passed' if passed else 'failed'}  "
               f"{points}/{exercise.points}  ({note})")
     print(f"total {earned}/{total}")
+    if failed:  # the report keeps one line per exercise; pytest shows the whole failure
+        print(f"a failure in full: python -m pytest -q -m {failed[0].marker} exercises/tests")
     return 0
 
 
