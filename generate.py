@@ -42,7 +42,7 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
                        logits.sort(dim=-1, descending=True))
     if top_p is not None and top_p < 1.0:
         probs = values.softmax(dim=-1)
-        drop = probs.cumsum(dim=-1) - probs > top_p  # the likelier tokens already hold top_p
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # the likelier tokens already reach top_p
         values = values.masked_fill(drop, float("-inf"))
     rank = torch.multinomial(values.softmax(dim=-1), 1, generator=generator)  # (B, 1)
     return indices.gather(-1, rank).squeeze(-1)                                # (B,)

@@ -113,6 +113,9 @@ class Attention(nn.Module):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)     # (B, heads, T, hd)
 
     def forward(self, x, cos, sin, mask, cache):
+        """x (B, T, D) -> (B, T, D). mask: None (causal over the T new keys) or additive
+        (B, 1, g*T, S) as causal_mask makes it; cache: None or a KVCache, whose update returns
+        the S keys and values to attend over."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
         if cache is not None:

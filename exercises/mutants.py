@@ -138,7 +138,9 @@ MUTANTS = [
     Mutant(6, "generate.sample", "temperature multiplies",
            (("logits.float() / temperature", "logits.float() * temperature"),)),
     Mutant(6, "generate.sample", "top-p drops the token that crosses the threshold",
-           (("probs.cumsum(dim=-1) - probs > top_p", "probs.cumsum(dim=-1) > top_p"),)),
+           (("probs.cumsum(dim=-1) - probs >= top_p", "probs.cumsum(dim=-1) > top_p"),)),
+    Mutant(6, "generate.sample", "top-p keeps a token whose likelier tokens hold exactly top_p",
+           (("probs.cumsum(dim=-1) - probs >= top_p", "probs.cumsum(dim=-1) - probs > top_p"),)),
     Mutant(6, "generate.sample", "the rank returned for the token id",
            (("return indices.gather(-1, rank).squeeze(-1)", "return rank.squeeze(-1)"),)),
     # 7: the PVM block

@@ -141,6 +141,19 @@ def reference_probs(logits, temperature, top_k, top_p):
     return scores.softmax(-1)
 
 
+def test_top_p_at_its_boundary_keeps_what_the_reference_keeps():
+    """Four equal logits, each token exactly 0.25: at top_p 0.5 (0.75) the two (three) likelier
+    tokens reach top_p exactly, and the next one goes, as in transformers."""
+    for top_p, kept in ((0.5, 2), (0.75, 3)):
+        want = int((reference_probs(torch.zeros(1, 4), 1.0, None, top_p) > 0).sum())
+        assert want == kept, f"transformers keeps {want} tokens at top-p {top_p}, not {kept}"
+        tokens = generate.sample(torch.zeros(4000, 4), 1.0, None, top_p,
+                                 torch.Generator().manual_seed(0))
+        got = len(tokens.unique())
+        assert got == kept, (f"top-p {top_p} over four tokens of 0.25 each: {got} different "
+                             f"tokens drawn in 4000 draws; transformers keeps {kept}")
+
+
 SETTINGS = [(1.0, None, None), (0.5, None, None), (1.5, 4, None), (0.8, None, 0.7),
             (0.7, 6, 0.8), (1.2, 100, 0.9)]
 
