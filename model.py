@@ -62,8 +62,9 @@ def tiny_config():
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight over the last axis. F.rms_norm computes in float32 and
-    returns x's dtype, as the reference does; the weight multiplies after the cast back."""
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis. F.rms_norm (without the weight)
+    computes in float32 and returns x's dtype, as the reference does; the weight multiplies
+    after the cast back."""
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()

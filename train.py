@@ -96,7 +96,8 @@ class AssistantLoss(nn.Module):
 # the loop
 
 def get_lr(step, total, args):
-    """Linear warmup over the first warmup ratio of the steps, then cosine decay to zero."""
+    """Linear warmup over the first warmup ratio of the steps, then half a cosine down towards
+    zero (reached at step `total`, one past the last)."""
     warmup = max(1, round(args.warmup * total))
     if step < warmup:
         return args.lr * (step + 1) / warmup

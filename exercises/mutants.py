@@ -52,6 +52,9 @@ MUTANTS = [
              "self.gate_proj(x) * F.silu(self.up_proj(x))"),)),
     Mutant(1, "model.MLP.forward", "GELU for SiLU",
            (("F.silu(", "F.gelu("),)),
+    Mutant(1, "model.RMSNorm.forward", "the weight multiplied before the cast back to x's dtype",
+           (("self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)",
+             "F.rms_norm(x, x.shape[-1:], self.weight, eps=self.eps)"),)),
     # 2: attention
     Mutant(2, "vision.rotate_half", "the quarter turn the other way",
            (("torch.cat([-x2, x1], dim=-1)", "torch.cat([x2, -x1], dim=-1)"),)),

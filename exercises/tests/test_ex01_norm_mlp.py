@@ -48,13 +48,21 @@ def test_rmsnorm_of_a_zero_vector_is_zero():
 
 
 def test_rmsnorm_returns_the_input_dtype():
-    """In bfloat16 the sum of squares is taken in float32 and the result comes back in bfloat16."""
+    """In bfloat16 the sum of squares is taken in float32, the normalised x comes back in
+    bfloat16 and only then meets the weight. Multiplying by the weight before the cast rounds once
+    instead of twice: about a quarter of the values then differ from the reference by one
+    bfloat16 step, where a right answer differs in almost none (0 of 12,800 with this seed)."""
     ours, ref = norms(64)
     ours, ref = ours.to(torch.bfloat16), ref.to(torch.bfloat16)
     torch.manual_seed(3)
-    x = (torch.randn(2, 5, 64) * 3).to(torch.bfloat16)
+    x = (torch.randn(4, 50, 64) * 3).to(torch.bfloat16)
     with torch.no_grad():
-        close(ours(x), ref(x), "RMSNorm(x) in bfloat16", atol=2e-2, rtol=2e-2)
+        got, want = ours(x), ref(x)
+    close(got, want, "RMSNorm(x) in bfloat16", atol=2e-2, rtol=2e-2)
+    differ = (got != want).float().mean().item()
+    assert differ <= 0.01, (f"RMSNorm(x) in bfloat16: {differ:.1%} of the values differ from the "
+                            f"reference by a rounding step (at most 1% may); is the weight "
+                            f"multiplied after the cast back to bfloat16?")
 
 
 def test_swiglu_equals_the_reference():
