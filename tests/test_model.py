@@ -1,6 +1,7 @@
-"""Hand-made cases that teach what a piece computes: the 3-D rotary positions of a prompt with an
-image, the mask of a padded prompt, a KV cache that would overflow, and config.json and
-checkpoints written by us and read back."""
+"""Hand-made cases that teach what a piece computes: the rotary positions of a left-padded prompt,
+a KV cache that would overflow, and config.json and checkpoints written by us and read back. The
+positions of a prompt with an image and the mask of a padded prompt, worked by hand, are in
+exercises/tests (test_ex03_mrope.py, test_ex06_mask_sampling.py), which this suite runs too."""
 import json
 
 import pytest
@@ -8,25 +9,9 @@ import torch
 
 import fixtures as fx
 import load_qwen
-from model import KVCache, Qwen3VL, causal_mask, rope_positions, tiny_config
+from model import KVCache, Qwen3VL, rope_positions, tiny_config
 
 IMAGE = 151655
-
-
-def test_rope_positions_of_text_an_image_and_text():
-    """Two text tokens, a 2x3 merged image (a 4x6 patch grid), two text tokens: the image's
-    tokens count rows on h and columns on w from its start p = 2; the text after it resumes at
-    p + max(rows, cols) = 2 + 3 = 5, not at 2 + 6 (its token count)."""
-    ids = torch.tensor([[7, 8] + [IMAGE] * 6 + [9, 10]])
-    positions, next_position = rope_positions(ids, torch.tensor([[1, 4, 6]]), None, IMAGE)
-    want = torch.tensor([
-        # text  | the image, row by row          | text
-        [0, 1,    2, 2, 2, 2, 2, 2,                5, 6],  # t: the image is one frame, at p
-        [0, 1,    2, 2, 2, 3, 3, 3,                5, 6],  # h: p + row
-        [0, 1,    2, 3, 4, 2, 3, 4,                5, 6],  # w: p + column
-    ])
-    assert torch.equal(positions[:, 0], want)
-    assert next_position.tolist() == [7]
 
 
 def test_rope_positions_skip_left_padding():
@@ -34,18 +19,6 @@ def test_rope_positions_skip_left_padding():
     positions, next_position = rope_positions(ids, None, torch.tensor([[0, 0, 1, 1, 1]]), IMAGE)
     assert positions[:, 0, 2:].tolist() == [[0, 1, 2]] * 3
     assert next_position.tolist() == [3]
-
-
-def test_causal_mask_of_a_left_padded_prompt():
-    """Row t may see keys 0..t that are real; a padding query sees itself (no empty row)."""
-    real = torch.tensor([[False, True, True]])
-    mask = causal_mask(real, torch.arange(3), groups=2, dtype=torch.float32)
-    assert mask.shape == (1, 1, 2 * 3, 3)  # the rows repeat for the 2 query heads of a group
-    allowed = (mask[0, 0, :3] == 0).int().tolist()
-    assert allowed == [[1, 0, 0],   # padding: itself only
-                       [0, 1, 0],
-                       [0, 1, 1]]
-    assert torch.equal(mask[0, 0, :3], mask[0, 0, 3:])
 
 
 def test_a_cache_that_would_overflow_says_so():

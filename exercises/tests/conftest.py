@@ -42,3 +42,17 @@ def models():
 def photos():
     import fixtures
     return fixtures.photos()
+
+
+@pytest.fixture(scope="module")
+def pvm_model():
+    """A tiny random model with PVM at layers 1 and 3, the gates open (as after some training):
+    the model of exercises 8 and 9."""
+    import pvm
+    from model import Qwen3VL, tiny_config
+    torch.manual_seed(0)
+    model = pvm.attach_pvm(Qwen3VL(tiny_config()).eval().requires_grad_(False), [1, 3], 64)
+    with torch.no_grad():
+        for i in (1, 3):
+            model.layers[i].pvm_block.gate_alpha.fill_(0.5)
+    return model

@@ -8,23 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pvm
 import train
 from checks import close, image_prompt
-from model import Qwen3VL, tiny_config
 
 pytestmark = pytest.mark.ex08
-
-
-@pytest.fixture(scope="module")
-def model():
-    """A tiny random model with PVM at layers 1 and 3, the gates open (as after some training)."""
-    torch.manual_seed(0)
-    model = pvm.attach_pvm(Qwen3VL(tiny_config()).eval().requires_grad_(False), [1, 3], 64)
-    with torch.no_grad():
-        for i in (1, 3):
-            model.layers[i].pvm_block.gate_alpha.fill_(0.5)
-    return model
 
 
 def sample():
@@ -51,37 +38,37 @@ def loss_formula(model, ids, pixel_values, grid, mask):
     return torch.stack(terms).sum(), len(terms)
 
 
-def test_the_loss_is_summed_cross_entropy_over_the_replies(model):
+def test_the_loss_is_summed_cross_entropy_over_the_replies(pvm_model):
     ids, pixel_values, grid, mask = sample()
     with torch.no_grad():
-        got = train.AssistantLoss(model)(ids, pixel_values, grid, mask)
-        want, count = loss_formula(model, ids, pixel_values, grid, mask)
+        got = train.AssistantLoss(pvm_model)(ids, pixel_values, grid, mask)
+        want, count = loss_formula(pvm_model, ids, pixel_values, grid, mask)
     assert count == 7
     assert got.dim() == 0, f"the loss has shape {tuple(got.shape)}, expected a scalar"
     close(got.float(), want, "summed loss over the 7 reply tokens", atol=1e-4, rtol=1e-5)
 
 
-def test_the_loss_follows_the_mask(model):
+def test_the_loss_follows_the_mask(pvm_model):
     """With the mask moved one token later, other tokens are the targets: the loss follows the
     formula for that mask too, and differs (a loss that read the mask at the predicting
     position, or not at all, would not)."""
     ids, pixel_values, grid, mask = sample()
     shifted = torch.roll(mask, 1, dims=1)
     with torch.no_grad():
-        loss = train.AssistantLoss(model)
+        loss = train.AssistantLoss(pvm_model)
         got, other = loss(ids, pixel_values, grid, mask), loss(ids, pixel_values, grid, shifted)
-        want_other, _ = loss_formula(model, ids, pixel_values, grid, shifted)
+        want_other, _ = loss_formula(pvm_model, ids, pixel_values, grid, shifted)
     close(other.float(), want_other, "summed loss with the mask one token later", atol=1e-4,
           rtol=1e-5)
     assert abs(got.item() - other.item()) > 1e-3, "the loss does not depend on the mask"
 
 
-def test_the_gradient_reaches_pvm(model):
+def test_the_gradient_reaches_pvm(pvm_model):
     ids, pixel_values, grid, mask = sample()
-    train.AssistantLoss(model)(ids, pixel_values, grid, mask).backward()
-    block = model.layers[1].pvm_block
+    train.AssistantLoss(pvm_model)(ids, pixel_values, grid, mask).backward()
+    block = pvm_model.layers[1].pvm_block
     grads = {name: p.grad for name, p in block.named_parameters()}
-    model.zero_grad(set_to_none=True)
+    pvm_model.zero_grad(set_to_none=True)
     for name, grad in grads.items():
         assert grad is not None and grad.abs().max() > 0, f"layer 1 PVM {name}: no gradient"
 

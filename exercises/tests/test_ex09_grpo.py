@@ -6,24 +6,11 @@ import pytest
 import torch
 
 import grpo
-import pvm
 from checks import close, equal, image_prompt
-from model import Qwen3VL, tiny_config
 
 pytestmark = pytest.mark.ex09
 
 IM_END = 151645
-
-
-@pytest.fixture(scope="module")
-def model():
-    """A tiny random model with PVM at layers 1 and 3, the gates open (as after some training)."""
-    torch.manual_seed(0)
-    model = pvm.attach_pvm(Qwen3VL(tiny_config()).eval().requires_grad_(False), [1, 3], 64)
-    with torch.no_grad():
-        for i in (1, 3):
-            model.layers[i].pvm_block.gate_alpha.fill_(0.5)
-    return model
 
 
 def advantages_formula(rewards, G):
@@ -98,27 +85,27 @@ def objective_formula(model, prompt):
     return total, count
 
 
-def test_the_objective_is_the_formula_written_out(model):
+def test_the_objective_is_the_formula_written_out(pvm_model):
     prompt, tensors = batch()
     with torch.no_grad():
-        got = grpo.PolicyObjective(model)(*tensors)
-        want, count = objective_formula(model, prompt)
+        got = grpo.PolicyObjective(pvm_model)(*tensors)
+        want, count = objective_formula(pvm_model, prompt)
     assert count == 3 + 2 + 4
     assert got.dim() == 0, f"the objective has shape {tuple(got.shape)}, expected a scalar"
     close(got.float(), want, "sum of A * log p over the 9 completion tokens of 3 rows", atol=1e-4,
           rtol=1e-5)
 
 
-def test_the_objective_follows_the_advantages_row_by_row(model):
+def test_the_objective_follows_the_advantages_row_by_row(pvm_model):
     """Only row 2's advantage nonzero: the sum over its 2 tokens; only the truncated row's: 0."""
     prompt, (*tensors, _) = batch()
     ids, pixel_values, grid = prompt
     with torch.no_grad():
-        objective = grpo.PolicyObjective(model)
+        objective = grpo.PolicyObjective(pvm_model)
         second = objective(*tensors, torch.tensor([0.0, 2.0, 0.0, 0.0]))
         truncated = objective(*tensors, torch.tensor([0.0, 0.0, 2.0, 0.0]))
         T = ids.size(1)
-        logits = model(torch.cat([ids, torch.tensor([COMPLETIONS[1]])], dim=1), pixel_values, grid)
+        logits = pvm_model(torch.cat([ids, torch.tensor([COMPLETIONS[1]])], dim=1), pixel_values, grid)
         logp = logits[0, T - 1:T + 1].float().log_softmax(dim=-1)
         want = 2.0 * logp[torch.arange(2), COMPLETIONS[1]].sum()
     close(second.float(), want, "row 2 alone (advantage 2, tokens 73 and <|im_end|>)", atol=1e-4,
@@ -128,11 +115,11 @@ def test_the_objective_follows_the_advantages_row_by_row(model):
         "its tokens are out of the loss mask")
 
 
-def test_the_gradient_reaches_pvm(model):
+def test_the_gradient_reaches_pvm(pvm_model):
     _, tensors = batch()
-    grpo.PolicyObjective(model)(*tensors).backward()
-    block = model.layers[1].pvm_block
+    grpo.PolicyObjective(pvm_model)(*tensors).backward()
+    block = pvm_model.layers[1].pvm_block
     grads = {name: p.grad for name, p in block.named_parameters()}
-    model.zero_grad(set_to_none=True)
+    pvm_model.zero_grad(set_to_none=True)
     for name, grad in grads.items():
         assert grad is not None and grad.abs().max() > 0, f"layer 1 PVM {name}: no gradient"
