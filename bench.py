@@ -183,6 +183,27 @@ def best_time(fn, sync, repeats=3):
     return min(times)
 
 
+def pvm_model(hf, args):
+    """A frozen random model of config.json `hf` in --dtype on --device, with PVM at the 4B's
+    relative depth and width (5, 11, 17 of 36 layers, 512 of 2560 wide) in float32 (the master
+    weights train.py and grpo.py keep), gates opened to 0.1 as after some training; and the PVM
+    layers and width."""
+    from model import Qwen3VL
+    from pvm import PRESETS, attach_pvm
+
+    config = load_qwen.config_from_hf(hf)
+    layers = sorted({round(i * config.num_layers / 36) for i in PRESETS["4b"]})
+    width = max(config.head_dim, round(config.hidden_size / 5 / config.head_dim) * config.head_dim)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = Qwen3VL(config).to(getattr(torch, args.dtype)).eval().requires_grad_(False)
+    attach_pvm(model, layers, width)
+    for i in layers:
+        model.layers[i].pvm_block.float()
+        model.layers[i].pvm_block.gate_alpha.data.fill_(0.1)
+    return model, layers, width
+
+
 def bench_train(size, args, grad_ckpt):
     """One PVM optimizer step (forward, backward, clip, AdamW) against one forward pass of the
     same sample as the step computes it (hidden states, the head on the reply): `--train-tokens`
@@ -191,21 +212,10 @@ def bench_train(size, args, grad_ckpt):
     gates opened to 0.1 as after some training."""
     import data
     import train
-    from model import Qwen3VL
-    from pvm import PRESETS, attach_pvm
 
     device, cuda = args.device, args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    config = load_qwen.config_from_hf(config_dict(size))
-    layers = sorted({round(i * config.num_layers / 36) for i in PRESETS["4b"]})
-    width = max(config.head_dim, round(config.hidden_size / 5 / config.head_dim) * config.head_dim)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen3VL(config).to(getattr(torch, args.dtype)).eval().requires_grad_(False)
-    attach_pvm(model, layers, width)
-    for i in layers:
-        model.layers[i].pvm_block.float()  # float32 master weights, as train.py keeps them
-        model.layers[i].pvm_block.gate_alpha.data.fill_(0.1)
+    model, layers, width = pvm_model(config_dict(size), args)
     model.gradient_checkpointing = grad_ckpt
     image, tokenizer = Image.new("RGB", (512, 512), (120, 30, 200)), data.tiny_tokenizer()
 
@@ -213,7 +223,7 @@ def bench_train(size, args, grad_ckpt):
         user = [{"type": "image", "image": image}, {"type": "text", "text": "x" * n_user}]
         messages = [{"role": "user", "content": user},
                     {"role": "assistant", "content": "y" * n_reply}]
-        return train.encode((messages, "bench"), tokenizer, device)
+        return tuple(t.to(device) for t in load_qwen.encode_chat_for_training(tokenizer, messages))
 
     text = args.train_tokens - sample(0, 0)[0].size(1)  # what the image and the chat format leave
     batch = sample(text - text // 2, text // 2)
@@ -257,22 +267,11 @@ def bench_grpo(size, args):
     opened to 0.1 as after some training; every answer counted as finished, so that the head
     runs at all of its tokens."""
     import grpo
-    from model import Qwen3VL
-    from pvm import PRESETS, attach_pvm
 
     device, cuda = args.device, args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     hf = config_dict(size)
-    config = load_qwen.config_from_hf(hf)
-    layers = sorted({round(i * config.num_layers / 36) for i in PRESETS["4b"]})
-    width = max(config.head_dim, round(config.hidden_size / 5 / config.head_dim) * config.head_dim)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen3VL(config).to(getattr(torch, args.dtype)).eval().requires_grad_(False)
-    attach_pvm(model, layers, width)
-    for i in layers:
-        model.layers[i].pvm_block.float()  # float32 master weights, as grpo.py keeps them
-        model.layers[i].pvm_block.gate_alpha.data.fill_(0.1)
+    model, _, _ = pvm_model(hf, args)
     ids, _, pixel_values, grid = batch_inputs(hf, 1)  # one prompt: no padding
     G, n = args.grpo_samples, args.new_tokens
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda
@@ -291,7 +290,7 @@ def bench_grpo(size, args):
     def update():
         advantages = torch.linspace(-1, 1, G)  # any advantages but 0: the cost is the same
         batch = grpo.group_batch((ids, pixel_values, grid), completions,
-                                 {c[-1] for c in completions}, config.image_token_id, advantages)
+                                 {c[-1] for c in completions}, model.config.image_token_id, advantages)
         model.train()
         with autocast:
             objective(*(t if t is None else t.to(device) for t in batch)).backward()
