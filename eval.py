@@ -96,8 +96,8 @@ def builtin_sample(messages, where):
     """A sample of data.py's built-in task. It keeps the prompt train.py trains on ("... A. red
     B. green ... Answer with the letter."): a tiny model trained for a minute knows no other.
     Its options are read back from that text, for scoring."""
-    text = messages[0]["content"][1]["text"]
-    return {"id": where, "benchmark": "built-in", "images": [], "question": text,
+    image, text = messages[0]["content"][0]["image"], messages[0]["content"][1]["text"]
+    return {"id": where, "benchmark": "built-in", "images": [image], "question": text,
             "options": re.findall(r"\b[A-F]\. (\w+)", text), "answer": messages[1]["content"],
             "where": where, "messages": messages[:1]}
 

@@ -219,7 +219,7 @@ def load_prompts(args):
         for image in sample["images"]:
             image_tokens(image, sample["where"])
     if args.trainable == "pvm":  # PVM adds exactly 0 without an image: nothing to learn there
-        samples = [s for s in samples if s["images"] or "messages" in s]  # built-in: one each
+        samples = [s for s in samples if s["images"]]
     if not samples:
         raise ValueError(f"no prompt with an image in {args.data} for --trainable pvm")
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed))
@@ -306,15 +306,17 @@ def main(args):
         # (num_iterations 1) p_old is p itself: the ratio is 1, the clipping inactive, and the
         # gradient that of -sum(A * log p) / count, which is what is taken here.
         objective.train()  # there is no dropout: this only lets gradient checkpointing act
+        summed = torch.zeros((), device=args.device)  # sum(A * log p), read once after the loop
         for micro, tensors in enumerate(batches):
             if isinstance(objective, DDP):  # all-reduce the gradients at the last group only
                 objective.require_backward_grad_sync = micro == len(batches) - 1
             with autocast:
                 group_sum = objective(*(t if t is None else t.to(args.device) for t in tensors))
             (-group_sum * world / count.clamp(min=1)).backward()  # DDP, FSDP2: mean of ranks
-            stats[6] -= group_sum.item()
+            summed += group_sum.detach().float()
             stats[7] += tensors[1].sum()  # real tokens of the teacher-forced pass
         grad_norm = value(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        stats[6] = -summed.item()
         train.check_finite(torch.tensor(grad_norm), stats[6] / count.item(), step)  # not applied
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
