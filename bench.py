@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+import processor
 import generate
 import load_qwen
 from model import Config, tiny_config
@@ -82,7 +83,7 @@ def batch_inputs(config, batch_size):
     for b in range(batch_size):
         text = torch.randint(0, top, (32 - 4 * (b % 4),)).tolist()
         prompts.append((torch.tensor([image + text]), pixel_values, grid))
-    return generate.left_pad(prompts)
+    return processor.left_pad(prompts)
 
 
 def timed(steps, sync):
@@ -189,10 +190,11 @@ def pvm_model(hf, args):
     weights train.py and grpo.py keep), gates opened to 0.1 as after some training; and the PVM
     layers and width."""
     from model import Qwen3VL
-    from pvm import PRESETS, attach_pvm
+    from common import SIZES
+    from pvm import attach_pvm
 
     config = load_qwen.config_from_hf(hf)
-    layers = sorted({round(i * config.num_layers / 36) for i in PRESETS["4b"]})
+    layers = sorted({round(i * config.num_layers / 36) for i in SIZES["4b"]["pvm_layers"]})
     width = max(config.head_dim, round(config.hidden_size / 5 / config.head_dim) * config.head_dim)
     torch.manual_seed(0)
     with torch.device(args.device):
@@ -217,13 +219,13 @@ def bench_train(size, args, grad_ckpt):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     model, layers, width = pvm_model(config_dict(size), args)
     model.gradient_checkpointing = grad_ckpt
-    image, tokenizer = Image.new("RGB", (512, 512), (120, 30, 200)), data.tiny_tokenizer()
+    image, tokenizer = Image.new("RGB", (512, 512), (120, 30, 200)), processor.tiny_tokenizer()
 
     def sample(n_user, n_reply):  # byte tokens: one per character
         user = [{"type": "image", "image": image}, {"type": "text", "text": "x" * n_user}]
         messages = [{"role": "user", "content": user},
                     {"role": "assistant", "content": "y" * n_reply}]
-        return tuple(t.to(device) for t in load_qwen.encode_chat_for_training(tokenizer, messages))
+        return tuple(t.to(device) for t in processor.encode_chat_for_training(tokenizer, messages))
 
     text = args.train_tokens - sample(0, 0)[0].size(1)  # what the image and the chat format leave
     batch = sample(text - text // 2, text // 2)
@@ -290,7 +292,8 @@ def bench_grpo(size, args):
     def update():
         advantages = torch.linspace(-1, 1, G)  # any advantages but 0: the cost is the same
         batch = grpo.group_batch((ids, pixel_values, grid), completions,
-                                 {c[-1] for c in completions}, model.config.image_token_id, advantages)
+                                 {c[-1] for c in completions}, model.config.image_token_id,
+                                 advantages)
         model.train()
         with autocast:
             objective(*(t if t is None else t.to(device) for t in batch)).backward()

@@ -8,9 +8,9 @@ One JSON object a line, image paths relative to the file:
     chat:  {"images": ["a.jpg"], "messages": [{"role": "user", "content": [{"type": "image"},
             {"type": "text", "text": "What is it?"}]}, {"role": "assistant", "content": "A cat."}]}
 A LLaVA record is first rewritten as a chat record (llava_to_chat); one reader (to_messages) turns
-chat records into the messages load_qwen.chat_text reads. Every error names file and line.
+chat records into the messages processor.chat_text reads. Every error names file and line.
 Images are decoded only when a step needs them (encode_sample), so a sample whose image turns out
-unreadable then is skipped and named, not fatal.
+unreadable then is skipped, named and counted, not fatal.
 """
 import json
 import random
@@ -20,21 +20,15 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from tokenizers import Tokenizer, decoders
-from tokenizers.models import BPE
-from tokenizers.pre_tokenizers import ByteLevel
 from tqdm import tqdm
 
-from load_qwen import chat_text, content_parts, encode_chat_for_training
+from processor import chat_text, content_parts, encode_chat_for_training, framing_token
 from vision import MERGE, PATCH, smart_resize
 
 LLAVA_ROLES = {"human": "user", "gpt": "assistant"}  # any other role ("system") keeps its name
 CHAT_ROLES = ("system", "user", "assistant")
-# special tokens that frame the turns and place the images: a text that spells one out is read as
-# the token itself (a reply ended early, an image placeholder without an image). Grounding tokens
-# (<|box_start|>, <|object_ref_start|>, ...) are meant to be written in the text and pass.
-FRAMING_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>",
-                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+# the split train.py holds back and eval.py --size tiny evaluates: the same defaults in both
+EVAL_SAMPLES, MAX_LEN, SYNTHETIC_SAMPLES = 64, 4096, 2000
 
 
 def llava_to_chat(record):
@@ -88,8 +82,6 @@ def to_messages(record, root):
                 path = part["image"] if part["image"] is not None else next(images, None)
                 if path is None:
                     raise ValueError("more image placeholders than images")
-                if not isinstance(path, str):
-                    raise ValueError(f"an image path must be a string, not {path!r}")
                 part = {"type": "image", "image": str(Path(root, path))}  # absolute stays as it is
             elif token := framing_token(part["text"]):
                 raise ValueError(f"the text holds {token}, a special token of the chat format")
@@ -107,29 +99,24 @@ def to_messages(record, root):
     return messages
 
 
-def framing_token(text):
-    """The first of FRAMING_TOKENS that `text` spells out, or None."""
-    return next((token for token in FRAMING_TOKENS if token in text), None)
-
-
-def read_jsonl(path):
-    """[(messages, "file:line")] of a JSON-lines file."""
-    samples = []
+def read_jsonl(path, convert):
+    """[convert(record, the file's folder, "file:line")] of a JSON-lines file: the one reader of
+    train.py's and eval.py's data. Any error names file and line."""
+    items = []
     with open(path, "rb") as f:  # bytes, decoded line by line: bad UTF-8 is named with its line
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{n}"
             try:
-                record = json.loads(line.decode("utf-8"))
-                samples.append((to_messages(record, Path(path).parent), where))
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+                items.append(convert(json.loads(line.decode("utf-8")), Path(path).parent, where))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            except ValueError as e:
+            except (ValueError, TypeError) as e:  # not UTF-8 too; TypeError: a path not a string
                 raise ValueError(f"{where}: {e}") from None
-    return samples
+    if not items:
+        raise ValueError(f"{path} holds no samples")
+    return items
 
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (50, 80, 230),
@@ -145,13 +132,11 @@ def synthetic_sample(rng):
     image = Image.new("RGB", (64, 64), (rng.randint(100, 160),) * 3)
     s = rng.randint(20, 40)
     x, y = rng.randint(0, 64 - s), rng.randint(0, 64 - s)
-    draw = ImageDraw.Draw(image)
+    draw, box = ImageDraw.Draw(image), (x, y, x + s, y + s)
     if shape == "triangle":
         draw.polygon([(x + s / 2, y), (x, y + s), (x + s, y + s)], fill=COLORS[color])
-    elif shape == "circle":
-        draw.ellipse((x, y, x + s, y + s), fill=COLORS[color])
-    else:
-        draw.rectangle((x, y, x + s, y + s), fill=COLORS[color])
+    else:  # a circle is the ellipse in the square's box
+        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLORS[color])
     if rng.random() < 0.5:
         question, options, answer = "What colour is the shape?", list(COLORS), color
     else:
@@ -164,29 +149,13 @@ def synthetic_sample(rng):
             {"role": "assistant", "content": letters[options.index(answer)]}]
 
 
-SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
-                  "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|image_pad|>": 151655}
-
-
-def tiny_tokenizer():
-    """Bytes as tokens (no merges) plus the Qwen special tokens at their official ids."""
-    vocab = {char: i for i, char in enumerate(sorted(ByteLevel.alphabet()))} | SPECIAL_TOKENS
-    tokenizer = Tokenizer(BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
-    return tokenizer
-
-
 def image_tokens(image, where):
     """Visual tokens an image will give, from its size alone (a path: only the header is read)."""
     try:
         with nullcontext(image) if isinstance(image, Image.Image) else Image.open(image) as f:
             height, width = smart_resize(f.height, f.width)
-    except FileNotFoundError:
-        raise ValueError(f"image not found: {image} ({where})") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        # ValueError: smart_resize's aspect ratio; a decompression bomb is refused by its header
+        # missing, not an image, an aspect ratio over 200, a decompression bomb (by its header)
         raise ValueError(f"cannot read image {image} ({where}): {e}") from None
     return height * width // (PATCH * MERGE) ** 2
 
@@ -194,19 +163,11 @@ def image_tokens(image, where):
 def sample_lengths(samples, tokenizer):
     """(tokens, images) of each sample without decoding an image: the text is tokenised with one
     <|image_pad|> per image, then each image adds the visual tokens its size gives."""
-    lengths = []
-    for start in range(0, len(samples), 1024):  # batches: the tokenizer runs them in parallel
-        batch = samples[start:start + 1024]
-        texts, images = [], []
-        for messages, _ in batch:
-            text, sample_images, _ = chat_text(messages, add_generation_prompt=False)
-            texts.append(text)
-            images.append(sample_images)
-        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
-        for encoding, sample_images, (_, where) in zip(encodings, images, batch):
-            visual = sum(image_tokens(image, where) - 1 for image in sample_images)
-            lengths.append((len(encoding.ids) + visual, len(sample_images)))
-    return lengths
+    texts, images, _ = zip(*(chat_text(messages, False) for messages, _ in samples))
+    encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)  # in parallel
+    return [(len(encoding.ids) + sum(image_tokens(image, where) - 1 for image in sample_images),
+             len(sample_images))
+            for encoding, sample_images, (_, where) in zip(encodings, images, samples)]
 
 
 def load_data(path, tokenizer, max_len, seed, eval_samples, synthetic_samples):
@@ -215,43 +176,35 @@ def load_data(path, tokenizer, max_len, seed, eval_samples, synthetic_samples):
     inside an image); so are samples without an image, which PVM cannot learn from (it adds
     exactly zero there). Both are counted. The held-out share depends on eval_samples alone."""
     if path:
-        samples = read_jsonl(path)
+        samples = read_jsonl(path, lambda record, root, where: (to_messages(record, root), where))
     else:
         rng = random.Random(seed)
         samples = [(synthetic_sample(rng), f"built-in sample {i}")
                    for i in range(synthetic_samples)]
     lengths = sample_lengths(samples, tokenizer)
     keep = [sample for sample, (n, k) in zip(samples, lengths) if n <= max_len and k > 0]
-    too_long = sum(n > max_len for n, _ in lengths)
-    no_image = sum(k == 0 for _, k in lengths)
+    skipped = (f"{sum(n > max_len for n, _ in lengths)} over --max-len {max_len} and "
+               f"{sum(k == 0 for _, k in lengths)} without an image skipped")
     n_eval = min(eval_samples, len(keep) // 10)
     if len(keep) <= n_eval:
-        raise ValueError(f"no training samples in {path or 'the built-in task'}: {len(samples)} "
-                         f"read, {too_long} over --max-len {max_len} tokens, {no_image} without "
-                         "an image")
+        raise ValueError(f"no training samples in {path or 'the built-in task'}: "
+                         f"{len(samples)} read, {skipped}")
     order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed)).tolist()
     keep = [keep[i] for i in order]
-    skipped = f"{too_long} over --max-len and {no_image} without an image skipped"
     return keep[:n_eval], keep[n_eval:], skipped
 
 
-class UnreadableSample(ValueError):
-    """A sample whose image did not decode when a step needed it (train.py --strict-data)."""
-
-
-def encode_sample(samples, i, tokenizer, named, strict):
+def encode_sample(samples, i, tokenizer, named):
     """Sample i of `samples` (wrapping) as training tensors, and how many were skipped for it.
     load_data reads image headers only, so an image can still fail to decode here (a truncated
     JPEG body, a file changed since): that sample is skipped for the next of the order, which
-    keeps every batch full, DDP ranks in step and a resumed run exact. It is named on stderr once
-    (`named` holds those named); with `strict` it raises UnreadableSample instead."""
+    keeps every batch full, DDP ranks in step and a resumed run exact. It is named on stderr
+    once (`named` holds those named) and counted in the log."""
     for j in range(i, i + len(samples)):
         messages, where = samples[j % len(samples)]
         try:
             return encode_chat_for_training(tokenizer, messages), j - i
         except ValueError as e:  # load_image's, which names the file
-            if strict:
-                raise UnreadableSample(f"{where}: {e} (--strict-data)") from None
             if where not in named:
                 tqdm.write(f"skipped {where}: {e}", file=sys.stderr)  # above a progress bar
                 named.add(where)

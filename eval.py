@@ -21,17 +21,19 @@ import argparse
 import json
 import re
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+import common
 import data
 import generate
-import pvm
 import report
-import train
-from load_qwen import check_device, encode_chat, load_model, load_tokenizer, resolve_checkpoint
+from load_qwen import load_model, resolve_checkpoint
+from processor import encode_chat, framing_token, left_pad, load_tokenizer, tiny_tokenizer
+from pvm import load_pvm
 
 try:  # the grader of the paper's rewards: sympy decides whether LaTeX and numbers are equal
     from mathruler.grader import grade_answer
@@ -47,25 +49,13 @@ MC_POST_PROMPT = "Answer with the option's letter from the given choices directl
 # samples and prompts
 
 def read_samples(path):
-    """The samples of a JSON-lines file; an error names file and line."""
-    samples = []
-    with open(path, "rb") as f:  # bytes, decoded line by line: bad UTF-8 is named with its line
-        for n, line in enumerate(f, 1):
-            where = f"{path}:{n}"
-            try:
-                if line.strip():
-                    record = json.loads(line.decode("utf-8"))
-                    samples.append(check_sample(record, Path(path), where))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            except ValueError as e:  # UnicodeDecodeError among them
-                raise ValueError(f"{where}: {e}") from None
-    if not samples:
-        raise ValueError(f"{path} holds no samples")
-    return samples
+    """The samples of a JSON-lines benchmark file; an error names file and line."""
+    return data.read_jsonl(path, partial(check_sample, benchmark=Path(path).stem))
 
 
-def check_sample(record, path, where):
+def check_sample(record, root, where, benchmark):
+    """A benchmark record as a sample, its image paths relative to the file's folder `root`; its
+    benchmark, if the record names none, the file's name."""
     if not isinstance(record, dict):
         raise ValueError("expected a JSON object")
     question, options, answer = record.get("question"), record.get("options"), record.get("answer")
@@ -78,7 +68,7 @@ def check_sample(record, path, where):
     if options is not None and not (isinstance(options, list) and 0 < len(options) <= 26
                                     and all(isinstance(o, str) and o.strip() for o in options)):
         raise ValueError('"options" must be a list of 1 to 26 non-empty strings')
-    if token := data.framing_token(question + "".join(options or [])):
+    if token := framing_token(question + "".join(options or [])):
         raise ValueError(f"the text holds {token}, a special token of the chat format")
     letter = options and answer_letter(str(answer), options)
     if options and letter is None:
@@ -86,8 +76,8 @@ def check_sample(record, path, where):
     if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
         raise ValueError('"images" must be a list of paths')
     return {"id": str(record.get("id", where)),
-            "benchmark": str(record.get("benchmark", path.stem)),
-            "images": [str(path.parent / image) for image in images],  # absolute ones stay so
+            "benchmark": str(record.get("benchmark", benchmark)),
+            "images": [str(root / image) for image in images],  # absolute ones stay so
             "question": question, "options": options, "answer": letter or str(answer),
             "where": where}
 
@@ -107,12 +97,10 @@ def prompt_messages(sample, post_prompt):
     one a line and its multiple-choice post-prompt, or for an open answer `post_prompt` if any."""
     if "messages" in sample:
         return sample["messages"]
-    text = sample["question"]
-    if sample["options"]:
-        text += "".join(f"\n{LETTERS[i]}. {option}" for i, option in enumerate(sample["options"]))
-        text += "\n" + MC_POST_PROMPT
-    elif post_prompt:
-        text += "\n" + post_prompt
+    options = zip(LETTERS, sample["options"] or [])
+    post = MC_POST_PROMPT if sample["options"] else post_prompt
+    text = sample["question"] + "".join(f"\n{letter}. {option}" for letter, option in options)
+    text += f"\n{post}" if post else ""
     content = [{"type": "image", "image": image} for image in sample["images"]]
     return [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
 
@@ -124,10 +112,8 @@ def answer_letter(answer, options):
     answer = answer.strip()
     if len(answer) == 1 and answer in LETTERS[:len(options)]:
         return answer
-    for letter, option in zip(LETTERS, options):
-        if option.strip().casefold() == answer.casefold():
-            return letter
-    return None
+    return next((letter for letter, option in zip(LETTERS, options)
+                 if option.strip().casefold() == answer.casefold()), None)
 
 
 def final_part(response):
@@ -148,19 +134,17 @@ def extract_letter(text, options):
     explicit = re.findall(rf"(?i:answer|option|choice)\s*(?:is|:)\s*:?\s*(?i:option\s+)?"
                           rf"\(?([{valid}])\)?(?![A-Za-z])", text)
     bracketed = re.findall(rf"\(([{valid}])\)", text)
-    lone = (re.match(rf"(?i:option\s+)?([{valid}])(?:[.:,)\]]|\s*$|\s*\n)", text)
-            or re.fullmatch(rf"\W*([{valid.lower()}])\W*", text))
     if explicit or bracketed:
         return (explicit or bracketed)[-1]
+    lone = (re.match(rf"(?i:option\s+)?([{valid}])(?:[.:,)\]]|\s*$|\s*\n)", text)
+            or re.fullmatch(rf"\W*([{valid.lower()}])\W*", text))
     if lone:
         return lone.group(1).upper()
-    best, best_key = None, None
-    for letter, option in zip(valid, options):
-        for match in re.finditer(rf"(?<!\w){re.escape(option.strip())}(?!\w)", text, flags=re.I):
-            key = (match.end(), len(option))  # the last named; of two ending there the longer
-            if best_key is None or key > best_key:  # ("dark red" over "red")
-                best, best_key = letter, key
-    return best
+    named = [((match.end(), len(option)), letter) for letter, option in zip(valid, options)
+             for match in re.finditer(rf"(?<!\w){re.escape(option.strip())}(?!\w)", text, re.I)]
+    # the last named; of two ending there the longer ("dark red" over "red"); max keeps the first
+    # of equal keys, the earlier letter
+    return max(named, key=lambda pair: pair[0])[1] if named else None
 
 
 def extract_open(text):
@@ -201,6 +185,12 @@ def score(response, sample):
 # -----------------------------------------------------------------------------
 # generation
 
+def sampling(args, seed):
+    """generate's options from the command line, with this seed."""
+    options = ("max_new_tokens", "temperature", "top_k", "top_p")
+    return {"seed": seed, **{option: getattr(args, option) for option in options}}
+
+
 def respond(model, samples, tokenizer, args, name):
     """Each sample's --samples replies as (generated tokens, text), in the samples' order. A
     batch holds prompts of similar length (little padding), the longest first (a batch too big
@@ -212,9 +202,7 @@ def respond(model, samples, tokenizer, args, name):
         prompts = [encode_chat(tokenizer, prompt_messages(samples[i], args.post_prompt))
                    for i in batch]
         rows = generate.generate_batch(  # it moves the batch to the model's device
-            model, *generate.left_pad(prompts, PAD_ID), max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            seed=args.seed + start, num_samples=K)
+            model, *left_pad(prompts, PAD_ID), num_samples=K, **sampling(args, args.seed + start))
         for row, ids in enumerate(rows):  # prompt 0's K replies, then prompt 1's, ...
             ids = ids[:-1] if ids and ids[-1] in stops else ids  # the stop token has no text
             replies[batch[row // K]].append((len(ids), tokenizer.decode(ids)))
@@ -252,25 +240,22 @@ def summarise(samples, correct, lengths):
     by quarter of response length. A sample's length is the mean over its replies (all runs,
     both models), so a quarter holds the same samples in both columns: a paired difference."""
     generator = torch.Generator().manual_seed(0)  # the same intervals on every call
-    groups, benchmarks, resampled = {}, {}, []
-    for i, sample in enumerate(samples):
-        groups.setdefault(sample["benchmark"], []).append(i)
-    for benchmark, rows in groups.items():
-        benchmarks[benchmark], draws = figures(rows, correct, generator)
-        resampled.append(draws)
+    labels = [sample["benchmark"] for sample in samples]
+    groups = {b: [i for i, label in enumerate(labels) if label == b] for b in dict.fromkeys(labels)}
+    figured = {benchmark: figures(rows, correct, generator) for benchmark, rows in groups.items()}
+    benchmarks = {benchmark: entry for benchmark, (entry, _) in figured.items()}
     macro = {"n": len(samples)}
     for name in correct:  # run k's macro average: the mean of the benchmarks' run k
         macro[name] = accuracy(torch.tensor([b[name]["runs"] for b in benchmarks.values()]).mean(0))
     if len(correct) == 2:
         macro["difference"] = sum(b["difference"] for b in benchmarks.values()) / len(benchmarks)
-        macro["ci95"] = interval(torch.stack(resampled).mean(0))
+        macro["ci95"] = interval(torch.stack([draws for _, draws in figured.values()]).mean(0))
     cuts = torch.quantile(lengths, torch.tensor([0.25, 0.5, 0.75], dtype=lengths.dtype))
     quarter = torch.bucketize(lengths, cuts)  # 0: up to the first cut (inclusive) ... 3: above
-    by_length = []
-    for rows in ((quarter == q).nonzero().flatten().tolist() for q in range(4)):
-        if rows:  # ties can leave a quarter empty
-            tokens = [lengths[rows].min().item(), lengths[rows].max().item()]
-            by_length.append({"tokens": tokens, **figures(rows, correct, generator)[0]})
+    quarters = [(quarter == q).nonzero().flatten().tolist() for q in range(4)]
+    by_length = [{"tokens": [lengths[rows].min().item(), lengths[rows].max().item()],
+                  **figures(rows, correct, generator)[0]}
+                 for rows in quarters if rows]  # ties can leave a quarter empty
     return {"benchmarks": benchmarks, "macro": macro, "length_cuts": cuts.tolist(),
             "by_length": by_length}
 
@@ -316,30 +301,26 @@ def respond_watched(model, samples, tokenizer, args, name):
         replies.append([])
         for run in range(K):
             with report.AttentionReport(model, prompt[0]) as watcher:
-                ids = list(generate.generate(
-                    model, *prompt, args.max_new_tokens, args.temperature, args.top_k,
-                    args.top_p, seed=args.seed + i * K + run, cuda_graph=False))
-            record = report.analysis_record(watcher.summary(ids))  # the stop token counts here
+                options = sampling(args, args.seed + i * K + run)
+                ids = list(generate.generate(model, *prompt, cuda_graph=False, **options))
             records.append({"id": sample["id"], "benchmark": sample["benchmark"], "model": name,
-                            "run": run, **record})
+                            "run": run,  # the stop token counts here
+                            **report.analysis_record(watcher.summary(ids))})
             ids = ids[:-1] if ids[-1] in stops else ids  # the stop token has no text
             replies[-1].append((len(ids), tokenizer.decode(ids)))
     return replies, records
 
 
-def write_analysis(records, model, names, out):
-    """analysis.json: each model's records pooled by generated position, then every record;
-    analysis.png draws the pooled numbers."""
+def write_analysis(records, model, out):
+    """analysis.json: each model's records (`records`: model name -> its records) pooled by
+    generated position, then every record; analysis.png draws the pooled numbers."""
     groups = report.layer_groups(len(model.layers))
-    models = {}
-    for name in names:
-        mine = [r for r in records if r["model"] == name]
-        with_image = sum(r["image_tokens"] > 0 for r in mine)
-        models[name] = {"answers": len(mine), "with_image": with_image,
-                        "buckets": report.analysis_buckets(mine, groups)}
+    models = {name: {"answers": len(mine), "with_image": sum(r["image_tokens"] > 0 for r in mine),
+                     "buckets": report.analysis_buckets(mine, groups)}
+              for name, mine in records.items()}
     analysis = {"layers": len(model.layers), "pvm_layers": list(model.config.pvm_layers),
                 "groups": {g: layers.tolist() for g, layers in groups.items()},
-                "models": models, "answers": records}
+                "models": models, "answers": [r for mine in records.values() for r in mine]}
     (out / "analysis.json").write_text(json.dumps(analysis) + "\n")
     report.analysis_figure(analysis).savefig(out / "analysis.png", dpi=120)
 
@@ -351,52 +332,42 @@ def load_samples(args, tokenizer):
         return read_samples(args.data)[:args.limit]
     if not args.size:
         raise ValueError("--data FILE is needed (or --size tiny, for the built-in task)")
-    # train.py's held-out split: its defaults and the same seed draw the same samples
-    t = train.parse_args(["--size", "tiny", "--seed", str(args.seed)])
-    held_out, _, _ = data.load_data(None, tokenizer, t.max_len, t.seed, t.eval_samples,
-                                    t.synthetic_samples)
+    # train.py's held-out split: its defaults (data.py's) and the same seed draw the same samples
+    held_out, _, _ = data.load_data(None, tokenizer, data.MAX_LEN, args.seed, data.EVAL_SAMPLES,
+                                    data.SYNTHETIC_SAMPLES)
     return [builtin_sample(messages, where) for messages, where in held_out][:args.limit]
 
 
 def main(args):
-    for name in ("samples", "batch_size", "max_new_tokens", "limit"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive")
     if args.compare and not args.pvm:
         raise ValueError("--compare needs --pvm FILE")
     if args.samples > 1 and not args.temperature:
         raise ValueError("--samples > 1 needs --temperature > 0: greedy runs are all the same")
     if args.analysis:
         check_analysis(args)
-    check_device(args.device)
     cuda = args.device.startswith("cuda")
     args.batch_size = args.batch_size or (8 if cuda else 1)
     args.max_new_tokens = args.max_new_tokens or (32 if args.size else 1024)
     args.model = None if args.size else args.model  # results.json: no checkpoint was read
     checkpoint = args.model and resolve_checkpoint(args.model)
-    tokenizer = load_tokenizer(checkpoint) if checkpoint else data.tiny_tokenizer()
+    tokenizer = load_tokenizer(checkpoint) if checkpoint else tiny_tokenizer()
     samples = load_samples(args, tokenizer)
     messages = [(prompt_messages(sample, args.post_prompt), sample["where"]) for sample in samples]
     for sample, (tokens, _) in zip(samples, data.sample_lengths(messages, tokenizer)):
         sample["length"] = tokens  # of the prompt (images read from their headers), for batches
-    if checkpoint:
-        model = load_model(checkpoint, args.device, torch.bfloat16 if cuda else torch.float32)
-    else:
-        model = train.tiny_model(args.seed).to(args.device)
+    model = (load_model(checkpoint, args.device, torch.bfloat16 if cuda else torch.float32)
+             if checkpoint else common.tiny_model(args.seed).to(args.device))
     if args.pvm:  # before any run: a file that does not fit fails at once
-        pvm.load_pvm(model, args.pvm)
-    gates = [model.layers[i].pvm_block.gate_alpha for i in model.config.pvm_layers]
-    trained = [gate.detach().clone() for gate in gates]
+        load_pvm(model, args.pvm)
+    trained = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".gate_alpha")}
     names = ["base", "pvm"] if args.compare else ["pvm"] if args.pvm else ["base"]
-    correct, predictions, records = {}, [], []
+    correct, predictions, records = {}, [], {}
     lengths = torch.zeros(len(samples), dtype=torch.float64)
     for name in names:
-        with torch.no_grad():  # gates at 0 make it exactly the base model (see pvm.py)
-            for gate, value in zip(gates, trained):
-                gate.copy_(value if name == "pvm" else torch.zeros_like(value))
+        gates = {k: v if name == "pvm" else torch.zeros_like(v) for k, v in trained.items()}
+        model.load_state_dict(gates, strict=False)  # gates at 0: exactly the base model (pvm.py)
         if args.analysis:
-            replies, watched = respond_watched(model, samples, tokenizer, args, name)
-            records += watched
+            replies, records[name] = respond_watched(model, samples, tokenizer, args, name)
         else:
             replies = respond(model, samples, tokenizer, args, name)
         correct[name] = torch.zeros(len(samples), args.samples, dtype=torch.float64)
@@ -418,12 +389,11 @@ def main(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for prediction in predictions:
-            f.write(json.dumps(prediction, ensure_ascii=False) + "\n")
+    lines = (json.dumps(prediction, ensure_ascii=False) + "\n" for prediction in predictions)
+    (out / "predictions.jsonl").write_text("".join(lines), encoding="utf-8")
     print(f"wrote {out / 'results.json'} and {out / 'predictions.jsonl'}", file=sys.stderr)
     if args.analysis:
-        write_analysis(records, model, names, out)
+        write_analysis(records, model, out)
         print(f"wrote {out / 'analysis.json'} and {out / 'analysis.png'}", file=sys.stderr)
 
 
@@ -451,21 +421,10 @@ def parse_args(argv=None):
                    "and the logit lens at every token: analysis.json and .png (needs matplotlib; "
                    "one prompt at a time)")
     p.add_argument("--out", default="out/eval", help="directory for results.json, predictions")
-    return p.parse_args(argv)
+    return common.check_options(p.parse_args(argv))
 
 
-def cli(argv=None):
-    """The command; returns its exit status: 2, after one line on stderr, for bad input; 130 on
-    Ctrl-C."""
-    try:
-        main(parse_args(argv))
-    except (ValueError, OSError) as e:  # what the readers raise for files, images and options
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C: no traceback
-        return 130
-    return 0
-
+cli = common.command(main, parse_args)
 
 if __name__ == "__main__":
     sys.exit(cli())

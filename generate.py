@@ -7,15 +7,17 @@ chosen.
     python generate.py --image a.jpg --image b.jpg --prompt "What differs?" --temperature 0
     python generate.py --image cat.jpg --report report.png      # also writes report.json
 
-`generate(...)` is the loop on its own, a Python generator of token ids, for notebooks and
-bench.py; `generate_batch(...)` answers a batch of prompts (`left_pad` makes one), several times
-each if asked (GRPO groups, pass@k); the rest is the command line around them (what --report
-draws is in report.py). Left out on purpose: beam search, repetition penalties, video.
+`decode` is the loop: sample, yield, stop, next logits.
+`generate(...)` runs it for one prompt, a Python generator of token ids, for notebooks and
+bench.py; `generate_batch(...)` answers a batch of prompts (processor.left_pad makes one),
+several times each if asked (GRPO groups, pass@k): the decoding library that eval.py and
+grpo.py use. Below the fold: the decoding step recorded as a CUDA graph, and the command line
+(what --report draws is in report.py).
+
+Left out on purpose: beam search, repetition penalties, video.
 """
 import argparse
 import contextlib
-import math
-import os
 import random
 import sys
 import time
@@ -24,9 +26,11 @@ from functools import partial
 import torch
 from tokenizers.decoders import DecodeStream
 
-from load_qwen import check_device, encode_chat, load_model, load_tokenizer, read_json
-from load_qwen import resolve_checkpoint
+import common
+from load_qwen import load_model, read_json, resolve_checkpoint
 from model import KVCache
+from processor import encode_chat, load_tokenizer
+from pvm import load_pvm
 from report import AttentionReport, check_report, write_report
 
 
@@ -37,6 +41,8 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     if not temperature:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
+    if not top_k and (top_p is None or top_p >= 1.0):  # nothing filters: no sort needed
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
     # likeliest first, (B, k) or (B, V); sorting only the top k is cheap for the usual k = 20
     values, indices = (torch.topk(logits, min(top_k, logits.size(-1))) if top_k else
                        logits.sort(dim=-1, descending=True))
@@ -48,12 +54,87 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     return indices.gather(-1, rank).squeeze(-1)                                # (B,)
 
 
+@torch.inference_mode()  # as no_grad, and lighter on each of the many small decoding ops
+def decode(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
+           max_new_tokens=256, temperature=0.0, top_k=None, top_p=None, seed=None,
+           num_samples=1, stop_tokens=None, compile=False, cuda_graph=True):
+    """Yield the tokens (B*G,) chosen at each step for the prompts input_ids (B, T), left-padded
+    as attention_mask (B, T) says, G = num_samples rows per prompt, until every row has chosen a
+    stop token (by default the checkpoint's eos_token_id) or max_new_tokens have been chosen."""
+    B, T = input_ids.shape
+    if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+        raise ValueError("pad the prompts on the left: every row's last token must be real")
+    if (room := model.config.max_position_embeddings - T) <= 0:  # the answer must fit too
+        raise ValueError(f"the prompt is {T} tokens, over the model's context of {T + room}: "
+                         "use smaller or fewer images, or a shorter prompt")
+    max_new_tokens, device = min(max_new_tokens, room), model.embed_tokens.weight.device
+    stops = torch.tensor(model.config.eos_token_ids if stop_tokens is None else stop_tokens,
+                         dtype=torch.long, device=device)
+    # a seed reproduces the sampled answers; without one, a fresh seed (not torch's global one)
+    generator = torch.Generator(device).manual_seed(random.randrange(2**63) if seed is None
+                                                    else seed)
+    # room for the prompt and one token; reserve() below makes more as the answers grow
+    cache = KVCache(model.config, B, T + max_new_tokens, device,
+                    model.embed_tokens.weight.dtype, capacity=T + 1)
+    # compiled once, for every batch size and capacity: the sizes are symbols in the graph
+    step = torch.compile(decode_step, fullgraph=True, dynamic=True) if compile else decode_step
+    next_logits = partial(step, model, cache=cache)  # tokens (B*G, 1) -> logits (B*G, V)
+    if cuda_graph and device.type == "cuda":  # the CPU path never records
+        next_logits = CUDAGraphStep(next_logits, cache)
+    to = lambda t: None if t is None else t.to(device)  # the inputs onto the model's device
+    hidden = model.hidden_states(to(input_ids), to(pixel_values), to(image_grid_thw),
+                                 to(attention_mask), cache)             # (B, T, D)
+    logits = model.lm_head(hidden[:, -1])  # (B, V): the last position chooses, real in every row
+    if num_samples > 1:  # G answers to each prompt from its one prefill: the cache's rows copied
+        cache.repeat_rows(num_samples)
+        logits = logits.repeat_interleave(num_samples, dim=0)            # (B*G, V)
+    stopped = torch.zeros(len(logits), dtype=torch.bool, device=device)  # (B*G,)
+    for n in range(1, max_new_tokens + 1):
+        tokens = sample(logits, temperature, top_k, top_p, generator)   # (B*G,)
+        yield tokens
+        stopped |= torch.isin(tokens, stops)  # a stopped row decodes on, unread
+        if n == max_new_tokens or bool(stopped.all()):  # no step whose logits go unused
+            return
+        cache.reserve(T + n)  # this step writes the n-th new token at slot T + n - 1
+        logits = next_logits(tokens[:, None])  # (B*G, 1) in, (B*G, V) out
+
+
+def generate(model, input_ids, pixel_values=None, image_grid_thw=None, **options):
+    """Yield each new token id (an int) as soon as it is chosen, for one prompt input_ids (1, T);
+    stop after a stop token (yielded) or after max_new_tokens. Options as decode's: `compile`
+    runs the decoding step through torch.compile; on a CUDA device `cuda_graph` records it and
+    replays it for every later token (CUDAGraphStep)."""
+    for tokens in decode(model, input_ids, None, pixel_values, image_grid_thw, **options):
+        yield tokens.item()  # waits for the device: the caller needs the id anyway
+
+
+def generate_batch(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                   **options):
+    """Answers to B prompts input_ids (B, T) at once, left-padded as attention_mask (B, T) says
+    (the reference processor's padding; the images of every row in order in pixel_values): a
+    list of B * num_samples lists of token ids, each ending after its first stop token or at
+    max_new_tokens; prompt 0's num_samples answers first, then prompt 1's. The answers to one
+    prompt share its prefill, so the vision tower sees each image once. Options as decode's."""
+    stops = options.get("stop_tokens") or model.config.eos_token_ids
+    steps = list(decode(model, input_ids, attention_mask, pixel_values, image_grid_thw,
+                        **options))
+    if not steps:  # max_new_tokens=0
+        return [[] for _ in range(len(input_ids) * options.get("num_samples", 1))]
+    answers = []
+    for row in torch.stack(steps, dim=1).tolist():                       # (B*G, n)
+        end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
+        answers.append(row[:end])
+    return answers
+
+
+# -----------------------------------------------------------------------------
+# the decoding step, and the same step recorded as a CUDA graph
+
 def decode_step(model, tokens, cache):
     """Logits (B, V) of the tokens after `tokens` (B, 1), whose keys and values join the cache.
     Fixed shapes and only device-side state (model.KVCache): it can be compiled or recorded once
     for each size of the cache."""
     return model.lm_head(model.hidden_states(tokens, cache=cache)[:, -1])
-
 
 class CUDAGraphStep:
     """A decoding step recorded as a CUDA graph and replayed: one launch in place of the step's
@@ -86,122 +167,8 @@ class CUDAGraphStep:
         self.graph.replay()  # reads self.tokens, refills self.logits in place
         return self.logits
 
-
-def checked_length(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
-                   num_samples):
-    """max_new_tokens, cut to what the context leaves; a ValueError for what cannot be done."""
-    T, context = input_ids.size(1), model.config.max_position_embeddings
-    bad_options = (temperature < 0 or max_new_tokens < 0 or num_samples < 1
-                   or top_p is not None and not 0 < top_p <= 1
-                   or top_k is not None and top_k < 0)
-    if bad_options:
-        raise ValueError("need temperature >= 0, 0 < top-p <= 1, top-k >= 0, max-new-tokens >= 0 "
-                         f"and num_samples >= 1; got {temperature}, {top_p}, {top_k}, "
-                         f"{max_new_tokens}, {num_samples}")
-    if attention_mask is not None and not bool(attention_mask[:, -1].all()):
-        raise ValueError("pad the prompts on the left: every row's last token must be real")
-    if T >= context:
-        n_image = int((input_ids == model.config.image_token_id).sum())
-        raise ValueError(f"the prompt is {T} tokens ({n_image} from images), over the model's "
-                         f"context of {context}: use smaller or fewer images, or a shorter prompt")
-    return min(max_new_tokens, context - T)  # the answer must fit the context too
-
-
-@torch.inference_mode()  # as no_grad, and lighter on each of the many small decoding ops
-def decode(model, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens,
-           temperature, top_k, top_p, seed, num_samples, stop_tokens, compile, cuda_graph):
-    """The loop of generate and generate_batch: yield the tokens (B*G,) chosen at each step for
-    the prompts input_ids (B, T), left-padded, G = num_samples rows per prompt, until every row
-    has chosen a stop token or max_new_tokens have been chosen."""
-    B, T = input_ids.shape
-    max_new_tokens = checked_length(model, input_ids, attention_mask, max_new_tokens,
-                                    temperature, top_k, top_p, num_samples)
-    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
-    stop_tokens = torch.tensor(stop_tokens, dtype=torch.long, device=device)
-    # a seed reproduces the sampled answers; without one, a fresh seed (not torch's global one)
-    seed = random.randrange(2**63) if seed is None else seed
-    generator = torch.Generator(device).manual_seed(seed)
-    # room for the prompt and one token; reserve() below makes more as the answers grow
-    cache = KVCache(model.config, B, T + max_new_tokens, device, dtype, capacity=T + 1)
-    if pixel_values is not None:
-        pixel_values, image_grid_thw = pixel_values.to(device), image_grid_thw.to(device)
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(device)
-    # compiled once, for every batch size and capacity: the sizes are symbols in the graph
-    step = torch.compile(decode_step, fullgraph=True, dynamic=True) if compile else decode_step
-    next_logits = partial(step, model, cache=cache)  # tokens (B*G, 1) -> logits (B*G, V)
-    if cuda_graph and device.type == "cuda":  # the CPU path never records
-        next_logits = CUDAGraphStep(next_logits, cache)
-    hidden = model.hidden_states(input_ids.to(device), pixel_values, image_grid_thw,
-                                 attention_mask, cache)                  # (B, T, D)
-    logits = model.lm_head(hidden[:, -1])  # (B, V): the last position chooses, real in every row
-    if num_samples > 1:  # G answers to each prompt from its one prefill: the cache's rows copied
-        cache.repeat_rows(num_samples)
-        logits = logits.repeat_interleave(num_samples, dim=0)            # (B*G, V)
-    stopped = torch.zeros(len(logits), dtype=torch.bool, device=device)  # (B*G,)
-    for n in range(1, max_new_tokens + 1):
-        tokens = sample(logits, temperature, top_k, top_p, generator)   # (B*G,)
-        yield tokens
-        stopped |= torch.isin(tokens, stop_tokens)  # a stopped row decodes on, unread
-        if n == max_new_tokens or bool(stopped.all()):  # no step whose logits go unused
-            return
-        cache.reserve(T + n)  # this step writes the n-th new token at slot T + n - 1
-        logits = next_logits(tokens[:, None])  # (B*G, 1) in, (B*G, V) out
-
-
-def generate(model, input_ids, pixel_values=None, image_grid_thw=None, max_new_tokens=256,
-             temperature=0.0, top_k=None, top_p=None, seed=None, stop_tokens=None, compile=False,
-             cuda_graph=True):
-    """Yield each new token id (an int) as soon as it is chosen, for one prompt input_ids (1, T);
-    stop after a stop token (yielded; by default the checkpoint's eos_token_id) or after
-    max_new_tokens. `compile` runs the decoding step through torch.compile; on a CUDA device
-    `cuda_graph` records it and replays it for every later token (CUDAGraphStep)."""
-    if input_ids.size(0) != 1:
-        raise ValueError(f"generate takes one prompt, got a batch of {input_ids.size(0)}: "
-                         "see generate_batch")
-    stop_tokens = model.config.eos_token_ids if stop_tokens is None else stop_tokens
-    for tokens in decode(model, input_ids, None, pixel_values, image_grid_thw, max_new_tokens,
-                         temperature, top_k, top_p, seed, 1, stop_tokens, compile, cuda_graph):
-        yield tokens.item()  # waits for the device: the caller needs the id anyway
-
-
-def generate_batch(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                   max_new_tokens=256, temperature=0.0, top_k=None, top_p=None, seed=None,
-                   num_samples=1, stop_tokens=None, compile=False, cuda_graph=True):
-    """Answers to B prompts input_ids (B, T) at once, left-padded as attention_mask (B, T) says
-    (the reference processor's padding; the images of every row in order in pixel_values):
-    a list of B * num_samples lists of token ids, each ending after its first stop token or at
-    max_new_tokens; prompt 0's num_samples answers first, then prompt 1's. The answers to one
-    prompt share its prefill, so the vision tower sees each image once. Options as generate's."""
-    stop_tokens = model.config.eos_token_ids if stop_tokens is None else stop_tokens
-    steps = list(decode(model, input_ids, attention_mask, pixel_values, image_grid_thw,
-                        max_new_tokens, temperature, top_k, top_p, seed, num_samples, stop_tokens,
-                        compile, cuda_graph))
-    if not steps:  # max_new_tokens=0
-        return [[] for _ in range(len(input_ids) * num_samples)]
-    answers = []
-    for row in torch.stack(steps, dim=1).tolist():                       # (B*G, n)
-        end = next((i + 1 for i, token in enumerate(row) if token in stop_tokens), len(row))
-        answers.append(row[:end])
-    return answers
-
-
-def left_pad(prompts, pad_id=0):
-    """Several prompts, each encode_chat's (input_ids (1, T_b), pixel_values, image_grid_thw), as
-    one batch for generate_batch: input_ids and attention_mask (B, T) padded on the left (pad_id
-    is never read), and the images of every row in order (None where no prompt has one)."""
-    B, T = len(prompts), max(ids.size(1) for ids, _, _ in prompts)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(B, T, dtype=torch.long)
-    for b, (ids, _, _) in enumerate(prompts):
-        input_ids[b, T - ids.size(1):] = ids[0]
-        attention_mask[b, T - ids.size(1):] = 1
-    images = [(pixels, grid) for _, pixels, grid in prompts if pixels is not None]
-    if not images:
-        return input_ids, attention_mask, None, None
-    pixel_values, image_grid_thw = (torch.cat(parts) for parts in zip(*images))
-    return input_ids, attention_mask, pixel_values, image_grid_thw
-
+# -----------------------------------------------------------------------------
+# the command line
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Describe images with Qwen3-VL, answer to stdout.")
@@ -224,23 +191,7 @@ def parse_args(argv=None):
     p.add_argument("--report", metavar="FILE.png", help="the image's share of attention and the "
                    "logit lens at every token and layer to FILE.png, the numbers to FILE.json "
                    "(needs matplotlib)")
-    return p.parse_args(argv)
-
-
-def check_args(args):
-    """Refuse, before any work, options that would fail deep inside or silently misbehave (a NaN
-    temperature samples from NaN probabilities)."""
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.report and args.max_new_tokens == 0:
-        raise ValueError("--report needs --max-new-tokens of at least 1: no token, no report")
-    if args.temperature is not None and not 0 <= args.temperature < math.inf:
-        raise ValueError(f"--temperature must be a number >= 0, got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:  # NaN fails every comparison
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k is not None and args.top_k < 0:
-        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
-    check_device(args.device)
+    return common.check_options(p.parse_args(argv))
 
 
 def sampling_defaults(args, checkpoint):
@@ -256,25 +207,26 @@ def sampling_defaults(args, checkpoint):
 
 
 def main(args):
-    check_args(args)
     if args.report:
         check_report(args.report, args.compile)
     checkpoint = resolve_checkpoint(args.model)  # one download or cache lookup, shared below
     sampling_defaults(args, checkpoint)
-    cuda = args.device.startswith("cuda")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if "cuda" in args.device else "float32"))
     tokenizer = load_tokenizer(checkpoint)
     content = [{"type": "image", "image": path} for path in args.image]
     content.append({"type": "text", "text": args.prompt})
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = system + [{"role": "user", "content": content}]
     input_ids, pixel_values, image_grid_thw = encode_chat(tokenizer, messages)  # reads the images
-    model = load_model(checkpoint, args.device, dtype, pvm_file=args.pvm)
+    model = load_model(checkpoint, args.device, dtype)
+    if args.pvm:
+        load_pvm(model, args.pvm)
     report = AttentionReport(model, input_ids) if args.report else contextlib.nullcontext()
     stream, times, tokens = DecodeStream(skip_special_tokens=True), [time.perf_counter()], []
     with report:  # its hooks run only where the step runs eagerly: no CUDA graph then
-        for token in generate(model, input_ids, pixel_values, image_grid_thw, args.max_new_tokens,
-                              args.temperature, args.top_k, args.top_p, args.seed,
+        for token in generate(model, input_ids, pixel_values, image_grid_thw,
+                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                               compile=args.compile, cuda_graph=not args.report):
             times.append(time.perf_counter())
             tokens.append(token)
@@ -283,30 +235,13 @@ def main(args):
     print()
     if args.report:
         write_report(report.summary(tokens), args.report)
-    # the first token comes out of the prefill, every later one out of a decoding step
-    prefill, n = (times[1] - times[0] if len(times) > 1 else 0.0), max(len(times) - 2, 0)
-    rate = n / (times[-1] - times[1]) if n else 0.0
-    print(f"prompt {input_ids.size(1)} tokens | prefill {prefill * 1000:.0f} ms | "
-          f"decode {n} tokens at {rate:.1f} tokens/s", file=sys.stderr)
+    # the first token comes out of the prefill, every later one (n) out of a decoding step
+    n, prefill = len(tokens) - 1, times[1] - times[0]
+    print(f"prompt {input_ids.size(1)} tokens | prefill {prefill * 1000:.0f} ms | decode {n} "
+          f"tokens at {n / (times[-1] - times[1] or 1):.1f} tokens/s", file=sys.stderr)
 
 
-def cli(argv=None):
-    """The command; returns its exit status: 2, after one line on stderr, for bad input; 130 on
-    Ctrl-C; 141 when the reader of stdout has gone (`| head`), as a process that SIGPIPE ends."""
-    try:
-        main(parse_args(argv))
-    except BrokenPipeError:  # quietly: the reader wanted no more
-        # stdout to /dev/null, so that the flush at exit cannot fail on the closed pipe again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
-    except (ValueError, OSError) as e:  # what the loaders raise for files, images and options
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C: no traceback
-        print()  # ends the answer's line: the shell does not for a program that exits by itself
-        return 130
-    return 0
-
+cli = common.command(main, parse_args)
 
 if __name__ == "__main__":
     sys.exit(cli())

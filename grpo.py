@@ -13,34 +13,25 @@ log.jsonl, and with --trainable lm model/, a checkpoint directory. Left out on p
 reference model and its KL term (beta 0), several passes per batch, vLLM, LoRA.
 """
 import argparse
-import os
 import random
 import re
 import shutil
 import sys
 import time
-from contextlib import contextmanager, nullcontext
-from functools import partial
+from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-from torch.distributed.checkpoint.state_dict import set_state_dict
-from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import train
-from data import image_tokens, synthetic_sample, tiny_tokenizer
+import common
+from data import SYNTHETIC_SAMPLES, image_tokens, synthetic_sample
 from eval import builtin_sample, prompt_messages, read_samples, score
 from generate import generate_batch
-from load_qwen import check_device, encode_chat, load_tokenizer, resolve_checkpoint, save_model
-from pvm import load_pvm, write_atomic
+from load_qwen import save_model
+from processor import encode_chat
+from pvm import load_pvm
 
 # DeepSeek-R1's template, which the R1-style GRPO recipes for vision-language models reuse
 SYSTEM_PROMPT = (
@@ -54,7 +45,7 @@ FORMAT = re.compile(r"<think>(?:(?!</?think>|</?answer>).)*</think>\s*"
                     r"<answer>(?:(?!</?think>|</?answer>).)*</answer>", re.S)
 PAD_ID = 0  # right-pads the completions: any token of any vocabulary (masked, never read)
 
-# What depends on --size (PVM's layers and the checkpoint: train.SIZES). lr: the paper's;
+# What depends on --size (PVM's layers and the checkpoint: common.SIZES). lr: the paper's;
 # max_new_tokens: TRL's max_completion_length. tiny starts from `train.py --size tiny`'s PVM, for a
 # random model never samples a letter (every reward 0, no gradient); its reward: the first token
 # alone answers right; 8 tokens, so that few completions are cut (a cut one is out of the loss);
@@ -93,24 +84,22 @@ def group_batch(prompt, completions, stops, image_token, advantages):
     on the completion tokens of the rows that ended with a stop token; the advantages (G,)."""
     ids, pixel_values, grid = prompt
     G, T, L = len(completions), ids.size(1), max(map(len, completions))
-    input_ids = torch.full((G, T + L), PAD_ID)
-    input_ids[:, :T] = ids
-    loss_mask = torch.zeros(G, T + L, dtype=torch.bool)
-    for row, completion in enumerate(completions):
-        tokens = torch.tensor(completion)
-        input_ids[row, T:T + len(completion)] = tokens.masked_fill(tokens == image_token, PAD_ID)
-        # TRL's mask_truncated_completions: a completion cut at the length limit teaches nothing.
-        # Nor, here, one that holds a sampled <|image_pad|>: the forward would seek an image there.
-        loss_mask[row, T:T + len(completion)] = (completion[-1] in stops
-                                                 and image_token not in completion)
+    tokens = torch.tensor([c + [PAD_ID] * (L - len(c)) for c in completions])  # (G, L)
+    # a sampled <|image_pad|> padded over, or the forward would seek an image
+    tokens = tokens.masked_fill(tokens == image_token, PAD_ID)
+    input_ids = torch.cat([ids.expand(G, -1), tokens], dim=1)              # (G, T + L)
     lengths = torch.tensor([T + len(completion) for completion in completions])
     attention_mask = torch.arange(T + L) < lengths[:, None]                # (G, T + L)
+    # TRL's mask_truncated_completions: a completion cut at the length limit teaches nothing.
+    # Nor, here, one that holds a sampled <|image_pad|>.
+    kept = torch.tensor([c[-1] in stops and image_token not in c for c in completions])
+    loss_mask = attention_mask & (torch.arange(T + L) >= T) & kept[:, None]
     repeat = lambda t: None if t is None else t.repeat(G, 1)  # (n, k) -> (G*n, k)
     return input_ids, attention_mask, repeat(pixel_values), repeat(grid), loss_mask, advantages
 
 
-class PolicyObjective(nn.Module):
-    """Model and objective as one module, so DDP wraps the whole forward (train.AssistantLoss)."""
+class PolicyObjective(torch.nn.Module):
+    """Model and objective as one module, so DDP wraps the whole forward (as train.py's loss)."""
 
     def __init__(self, model):
         super().__init__()
@@ -128,93 +117,14 @@ class PolicyObjective(nn.Module):
         return (advantages[:, None].expand_as(predicts)[predicts] * logp).sum()
 
 # -----------------------------------------------------------------------------
-# the model across processes, checkpoints
-
-def setup_model(args, checkpoint, device, cuda, ddp):
-    """train.build_model's backbone and PVM, --init loaded, the trainable part chosen; under
-    torchrun wrapped in DDP (--trainable pvm) or sharded by FSDP2 (--trainable lm)."""
-    lm = args.trainable == "lm"  # float32 master weights; on CUDA bf16 autocast computes
-    model = train.build_model(args, checkpoint, device, torch.bfloat16 if cuda and not lm
-                              else torch.float32)
-    if args.init:
-        load_pvm(model, args.init)
-    if lm:  # the paper's: the language model and PVM; the vision tower stays frozen
-        model.requires_grad_(True)
-        model.visual.requires_grad_(False)
-    objective = PolicyObjective(model)
-    if ddp and lm:  # parameters, gradients and AdamW states sharded over the processes
-        for layer in model.layers:
-            fully_shard(layer)
-        fully_shard(model)  # the rest: embeddings, vision tower, final norm, head
-        register_fsdp_forward_method(model, "hidden_states")  # what generate and the loss call
-    elif ddp:
-        objective = DDP(objective, device_ids=[torch.device(device).index] if cuda else None)
-    return model, objective
-
-
-@contextmanager
-def gathered(model):
-    """FSDP2's shards gathered for the whole of sampling: generate.py samples in inference mode,
-    where FSDP2 cannot gather (its buffers would become inference tensors, which the update then
-    cannot use). Nothing to do without FSDP2."""
-    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for module in modules:
-        module.unshard()
-        module.set_reshard_after_forward(False, recurse=False)
-    yield
-    for module in modules:
-        module.reshard()
-        module.set_reshard_after_forward(module is not model, recurse=False)  # FSDP2's defaults
-
-
-def value(t):
-    """A tensor's number, also of an FSDP2 DTensor (a parameter, the gradient norm)."""
-    return (t.full_tensor() if isinstance(t, DTensor) else t).item()
-
-
-def save_checkpoint(out, model, optimizer, step, run, rank):
-    """state.pt (the trainable weights, AdamW's states, the step, the settings) and
-    pvm.safetensors (the reference names: generate.py --pvm), each to a temporary file and
-    renamed. PyTorch's state-dict API gathers FSDP2's shards on rank 0, which writes."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    weights, optimizer_state = get_state_dict(model, optimizer, options=options)
-    if rank == 0:
-        state = {"step": step, "run": run, "weights": weights, "optimizer": optimizer_state}
-        write_atomic(out / "state.pt", partial(torch.save, state))
-        pvm = {f"model.language_model.{k}": v for k, v in weights.items() if ".pvm_block." in k}
-        write_atomic(out / "pvm.safetensors", partial(save_file, pvm))
-
-
-def resume(out, model, optimizer, run):
-    """Load state.pt, which must come from this same configuration; the step to continue at."""
-    path = out / "state.pt"
-    if not path.exists():
-        raise ValueError(f"--resume: no checkpoint {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        saved_run = state["run"]
-    except Exception as e:  # truncated, or not a checkpoint of this script
-        raise ValueError(f"--resume: {path} is not a checkpoint of grpo.py: {e!r}") from None
-    if diff := [f"{k} {saved_run.get(k)!r} there, {v!r} here"
-                for k, v in run.items() if saved_run.get(k) != v]:
-        raise ValueError(f"--resume: {path} comes from another configuration: {'; '.join(diff)}")
-    set_state_dict(model, optimizer, model_state_dict=state["weights"],
-                   optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(full_state_dict=True, strict=False))
-    return state["step"]
-
-
-# -----------------------------------------------------------------------------
 # the loop
 
 def load_prompts(args):
     """eval.py's samples, or the built-in task's, shuffled by the seed; bad images fail here."""
-    if args.data:
-        samples = read_samples(args.data)
-    else:
-        rng = random.Random(args.seed)
-        samples = [builtin_sample(synthetic_sample(rng), f"built-in sample {i}")
-                   for i in range(args.synthetic_samples)]
+    rng = random.Random(args.seed)  # the built-in task's
+    samples = read_samples(args.data) if args.data else [
+        builtin_sample(synthetic_sample(rng), f"built-in sample {i}")
+        for i in range(args.synthetic_samples)]
     for sample in samples:
         for image in sample["images"]:
             image_tokens(image, sample["where"])
@@ -227,125 +137,125 @@ def load_prompts(args):
 
 
 def main(args):
-    check_device(args.device)
-    rank, world, cuda, out = 0, 1, args.device.startswith("cuda"), Path(args.out)
-    size, checkpoint = SIZES[args.size], train.SIZES[args.size]["checkpoint"]
-    if ddp := "RANK" in os.environ:  # under torchrun: a process per GPU with nccl, on CPUs gloo
-        dist.init_process_group("nccl" if cuda else "gloo")
-        if cuda:
-            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(args.device)
-        rank, world = dist.get_rank(), dist.get_world_size()
-    if train.SIZES[args.size]["threads"] and not cuda:
-        torch.set_num_threads(train.SIZES[args.size]["threads"])
-    if (out / "state.pt").exists() and not args.resume:
-        raise ValueError(f"{out} already holds a checkpoint: pass --resume, or another --out")
+    """GRPO for --max-steps steps (default: one epoch), saving every --save-every steps."""
+    rank, world, device = common.init_process(args.device, args.size)
+    cuda, size, lm = device.startswith("cuda"), SIZES[args.size], args.trainable == "lm"
     if args.prompts % world:
         raise ValueError(f"--prompts {args.prompts} does not split over {world} processes")
-    if args.model and checkpoint is None:
-        raise ValueError(f"--model does not go with --size {args.size}, a random model built here")
-    if args.init and not Path(args.init).is_file():
-        hint = ": run `python train.py --size tiny` first, or pass --init none"
-        raise ValueError(f"--init {args.init}: no such file{hint * (args.size == 'tiny')}")
-    checkpoint = checkpoint and resolve_checkpoint(args.model or checkpoint)
-    tokenizer = load_tokenizer(checkpoint) if checkpoint else tiny_tokenizer()
+    if args.init and not Path(args.init).is_file():  # before loading the model
+        raise ValueError(f"--init {args.init}: no such file: run `python train.py --size "
+                         f"{args.size}` first, or pass --init none")
+    out = common.prepare_out(args.out, args.resume)
+    checkpoint, tokenizer = common.checkpoint_and_tokenizer(args.size, args.model)
     prompts = load_prompts(args)
-    model, objective = setup_model(args, checkpoint, args.device, cuda, ddp)
-    fsdp, stops = ddp and args.trainable == "lm", set(model.config.eos_token_ids)
+    # lm: float32 master weights, bf16 autocast on CUDA; pvm: a bf16 backbone there
+    model = common.build_model(args.size, args.seed, checkpoint, device,
+                               torch.bfloat16 if cuda and not lm else torch.float32, args.grad_ckpt)
+    if args.init:
+        load_pvm(model, args.init)
+    if lm:  # the paper's: the language model too, not the vision tower
+        model.requires_grad_(True)
+        model.visual.requires_grad_(False)
+    objective = common.distribute(PolicyObjective(model), model, device, shard=lm)
+    fsdp, stops = world > 1 and lm, set(model.config.eos_token_ids)
     system = [{"role": "system", "content": size["system"]}] if size["system"] else []
     total = args.max_steps or size["steps"] or -(-len(prompts) // args.prompts)  # one epoch
-    run = {k: getattr(args, k) for k in ("size", "model", "data", "synthetic_samples", "init",
-                                         "trainable", "seed", "prompts", "samples",
-                                         "max_new_tokens", "lr")} | {"steps": total}
+    # the settings a --resume must share
+    run = {k: v for k, v in vars(args).items() if k not in
+           ("out", "resume", "max_steps", "save_every", "grad_ckpt", "device")} | {"steps": total}
     params = [p for p in model.parameters() if p.requires_grad]
     # AdamW as TRL's Trainer sets it up: no weight decay (torch's default is 0.01); clipping at
     # 1.0; the rate constant (the paper's; the Trainer's default decays it linearly)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    start = resume(out, model, optimizer, run) if args.resume else 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    start = done = common.resume(out, model, optimizer, run, rank) if args.resume else 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
     # PVM's float32 master weights beside a bf16 model sample under autocast, as train.py
     # evaluates; --trainable lm samples in float32, the dtype of its KV cache (generate.py's)
-    sampling = autocast if args.trainable == "pvm" else nullcontext()
+    sampling = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and not lm)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"{len(prompts)} prompts; {total} steps of {args.prompts} x {args.samples} samples; "
-              f"{sum(p.numel() for p in params):,} trainable parameters", file=sys.stderr)
-    for step in tqdm(range(start, total), initial=start, total=total, disable=rank != 0):
-        t0 = time.perf_counter()
-        # step s takes prompts s*P .. (s+1)*P - 1 of the shuffled order (wrapping), a share per
-        # rank. Each prompt's samples come from a seed of its own: they depend on the run's seed
-        # and the prompt's place, not on how the prompts are spread over processes.
-        groups = []
-        with gathered(model), sampling:
-            for i in range(step * args.prompts + rank, (step + 1) * args.prompts, world):
-                sample = prompts[i % len(prompts)]
-                ids, pixel_values, grid = encode_chat(tokenizer,
-                                                      system + prompt_messages(sample, None))
-                completions = generate_batch(  # one prefill, its cache copied to G rows
-                    model, ids, None, pixel_values, grid, max_new_tokens=args.max_new_tokens,
-                    temperature=1.0, top_p=1.0, seed=(args.seed << 32) + i,
-                    num_samples=args.samples, cuda_graph=not fsdp)
-                groups.append((sample, (ids, pixel_values, grid), completions))
-        t1 = time.perf_counter()
-        stats = torch.zeros(10, dtype=torch.float64)  # summed over the ranks: see the log
-        batches = []
-        for sample, prompt, completions in groups:
-            parts = torch.tensor([rewards(tokenizer.decode(ids), ids, sample, size["reward"],
-                                          tokenizer) for ids in completions])  # (G, 2)
-            advantages, equal = group_advantages(parts.sum(dim=1), args.samples)
-            batches.append(group_batch(prompt, completions, stops, model.config.image_token_id,
-                                       advantages))
-            stats[:6] += torch.tensor([*parts.sum(dim=0), equal.sum(), len(completions),
-                                       sum(map(len, completions)),
-                                       sum(c[-1] not in stops for c in completions)])
-        count = sum(batch[4].sum() for batch in batches).float().to(args.device)
-        if ddp:
-            dist.all_reduce(count)  # the global batch's completion tokens: the loss's denominator
-        # TRL's loss_type "dapo": -sum(A * ratio) over all the batch's completion tokens / their
-        # number, ratio = p / p_old clipped to [1 - eps, 1 + eps]. With one pass per batch
-        # (num_iterations 1) p_old is p itself: the ratio is 1, the clipping inactive, and the
-        # gradient that of -sum(A * log p) / count, which is what is taken here.
-        objective.train()  # there is no dropout: this only lets gradient checkpointing act
-        summed = torch.zeros((), device=args.device)  # sum(A * log p), read once after the loop
-        for micro, tensors in enumerate(batches):
-            if isinstance(objective, DDP):  # all-reduce the gradients at the last group only
-                objective.require_backward_grad_sync = micro == len(batches) - 1
-            with autocast:
-                group_sum = objective(*(t if t is None else t.to(args.device) for t in tensors))
-            (-group_sum * world / count.clamp(min=1)).backward()  # DDP, FSDP2: mean of ranks
-            summed += group_sum.detach().float()
-            stats[7] += tensors[1].sum()  # real tokens of the teacher-forced pass
-        grad_norm = value(torch.nn.utils.clip_grad_norm_(params, 1.0))
-        stats[6] = -summed.item()
-        train.check_finite(torch.tensor(grad_norm), stats[6] / count.item(), step)  # not applied
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        stats[8:] = torch.tensor([t1 - t0, time.perf_counter() - t1])
-        if ddp:
-            stats = stats.to(args.device)  # nccl reduces on the GPU
-            dist.all_reduce(stats)
-        gates = [value(model.layers[i].pvm_block.gate_alpha) for i in model.config.pvm_layers]
-        if (step + 1) % args.save_every == 0 or step + 1 == total:
-            save_checkpoint(out, model, optimizer, step + 1, run, rank)
-        stats, count = stats.tolist(), count.item()
-        rows, seconds = stats[3], [t / world for t in stats[8:]]  # the ranks' mean times
-        if rank == 0:
-            train.log(out, {
-                "step": step + 1, "reward": (stats[0] + stats[1]) / rows, "format": stats[0] / rows,
-                "accuracy": stats[1] / rows, "all_equal": stats[2] * args.samples / rows,  # groups
-                "length": stats[4] / rows, "truncated": stats[5] / rows,
-                "loss": stats[6] / max(count, 1), "grad_norm": grad_norm,
-                "sample_tokens_per_s": stats[4] / seconds[0],
-                "update_tokens_per_s": stats[7] / seconds[1], "gates": gates})
-    if args.trainable == "lm":  # the model but PVM, as an official checkpoint for generate.py
-        with gathered(model):  # FSDP2's shards: plain tensors for now
+        print(f"{len(prompts)} prompts; {total} steps of {args.prompts} x {args.samples} samples;"
+              f" {sum(p.numel() for p in params):,} trainable parameters", file=sys.stderr)
+    try:
+        for step in tqdm(range(start, total), initial=start, total=total, disable=rank != 0):
+            t0 = time.perf_counter()
+            # step s takes prompts s*P .. (s+1)*P - 1 of the shuffled order (wrapping), a share
+            # per rank. Each prompt's samples come from a seed of its own: they depend on the
+            # run's seed and the prompt's place, not on how prompts are spread over processes.
+            groups = []
+            with common.gathered(model), sampling:
+                for i in range(step * args.prompts + rank, (step + 1) * args.prompts, world):
+                    sample = prompts[i % len(prompts)]
+                    prompt = encode_chat(tokenizer, system + prompt_messages(sample, None))
+                    completions = generate_batch(  # one prefill, its cache copied to G rows
+                        model, prompt[0], None, *prompt[1:], max_new_tokens=args.max_new_tokens,
+                        temperature=1.0, top_p=1.0, seed=(args.seed << 32) + i,
+                        num_samples=args.samples, cuda_graph=not fsdp)
+                    groups.append((sample, prompt, completions))
+            t1 = time.perf_counter()
+            # the step's sums over this rank's groups, then over the ranks: see the log line
+            sums, batches = Counter(), []
+            for sample, prompt, completions in groups:
+                parts = torch.tensor([rewards(tokenizer.decode(ids), ids, sample, size["reward"],
+                                              tokenizer) for ids in completions])  # (G, 2)
+                advantages, equal = group_advantages(parts.sum(dim=1), args.samples)
+                batches.append(group_batch(prompt, completions, stops,
+                                           model.config.image_token_id, advantages))
+                sums.update(format=parts[:, 0].sum().item(), accuracy=parts[:, 1].sum().item(),
+                            all_equal=equal.sum().item(), length=sum(map(len, completions)),
+                            truncated=sum(c[-1] not in stops for c in completions))
+            count = sum(batch[4].sum() for batch in batches).float().to(device)
+            if world > 1:
+                torch.distributed.all_reduce(count)  # the global batch's completion tokens
+            # TRL's loss_type "dapo": -sum(A * ratio) over all the batch's completion tokens /
+            # their number, ratio = p / p_old clipped to [1 - eps, 1 + eps]. With one pass per
+            # batch (num_iterations 1) p_old is p itself: the ratio is 1, the clipping inactive,
+            # and the gradient that of -sum(A * log p) / count, which is what is taken here.
+            objective.train()  # there is no dropout: this only lets gradient checkpointing act
+            summed = torch.zeros((), device=device)  # sum(A * log p), read once after the loop
+            for micro, tensors in enumerate(batches):
+                if world > 1:  # DDP: gradients all-reduced at the last group
+                    objective.require_backward_grad_sync = micro == len(batches) - 1
+                with autocast:
+                    group_sum = objective(*(t if t is None else t.to(device) for t in tensors))
+                (-group_sum * world / count.clamp(min=1)).backward()  # DDP, FSDP2: rank mean
+                summed += group_sum.detach().float()
+                sums["update_tokens"] += tensors[1].sum().item()  # real tokens of the pass
+            grad_norm = common.value(torch.nn.utils.clip_grad_norm_(params, 1.0))
+            sums["loss"] = -summed.item()  # this rank's part of the loss's numerator
+            common.check_finite(grad_norm, sums["loss"] / count.item(), step)  # not applied
+            with common.whole_step():
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+            seconds = t1 - t0, time.perf_counter() - t1  # sampling, update: this rank's
+            if world > 1:  # one reduction a step; each rank's names in one order
+                totals = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(totals)
+                sums = dict(zip(sums, totals.tolist()))
+            gates = [common.value(model.layers[i].pvm_block.gate_alpha)
+                     for i in model.config.pvm_layers]
+            if rank == 0:  # before the checkpoint: see common.resume
+                rows = args.prompts * args.samples  # completions
+                shares = {k: sums[k] / rows for k in ("format", "accuracy", "length", "truncated")}
+                common.log(out, {
+                    "step": done, "reward": shares["format"] + shares["accuracy"], **shares,
+                    "all_equal": sums["all_equal"] / args.prompts,  # share of groups
+                    "loss": sums["loss"] / max(count.item(), 1), "grad_norm": grad_norm,
+                    "sample_tokens_per_s": sums["length"] / seconds[0],
+                    "update_tokens_per_s": sums["update_tokens"] / seconds[1], "gates": gates})
+            if done % args.save_every == 0 or done == total:
+                common.save_checkpoint(out, model, optimizer, done, run, rank)
+    except KeyboardInterrupt:
+        common.save_interrupted(out, model, optimizer, done, start, run, rank)
+        raise
+    if lm:  # the model but PVM, as an official checkpoint for generate.py
+        with common.gathered(model):  # FSDP2's shards: plain tensors for now
             if rank == 0:
                 save_model(model, out / "model")
                 tokenizer.save(str(out / "model" / "tokenizer.json"))
                 if checkpoint and (checkpoint / "generation_config.json").exists():
                     shutil.copy(checkpoint / "generation_config.json", out / "model")  # sampling
-    if ddp:
-        dist.destroy_process_group()
+    common.end_process()
     return model
 
 
@@ -359,7 +269,8 @@ def parse_args(argv=None):
     p.add_argument("--trainable", choices=["pvm", "lm"], default="pvm",
                    help="pvm: PVM alone; lm: the language model and PVM (the paper's)")
     p.add_argument("--data", help="eval.py's JSON-lines format (default: the built-in task)")
-    p.add_argument("--synthetic-samples", type=int, default=2000, help="size of the built-in task")
+    p.add_argument("--synthetic-samples", type=int, default=SYNTHETIC_SAMPLES,
+                   help="size of the built-in task")
     p.add_argument("--out", default="out/grpo", help="directory for weights, state.pt, log")
     p.add_argument("--resume", action="store_true", help="continue from --out/state.pt")
     p.add_argument("--prompts", type=int, default=8, help="prompts per step, over all processes")
@@ -373,22 +284,17 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="for PVM's init, data order, sampling")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda (the default where there is one) or cpu")
+    # --size's settings are the defaults of the options the command line leaves out
+    size = SIZES[p.parse_known_args(argv)[0].size]
+    p.set_defaults(**{name: size[name] for name in ("lr", "max_new_tokens", "init")})
     args = p.parse_args(argv)
-    for name in ("prompts", "save_every", "max_new_tokens", "max_steps", "synthetic_samples"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.samples < 2:
-        p.error("--samples must be at least 2: an advantage compares the samples of a prompt")
-    for name in ("lr", "max_new_tokens", "init"):
-        if getattr(args, name) is None:
-            setattr(args, name, SIZES[args.size][name])
     args.init = None if args.init == "none" else args.init
-    return args
+    if args.samples == 1:  # the table refuses 0 and below
+        raise ValueError("--samples must be at least 2: an advantage compares a prompt's samples")
+    return common.check_options(args)
 
+
+cli = common.command(main, parse_args)
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli())

@@ -1,28 +1,24 @@
 """
-Official Qwen3-VL checkpoints in, our model out; the tokenizer; the chat format.
+The official checkpoint format, both ways: config.json <-> our Config, the checkpoint's tensor
+names <-> our parameters.
 
     load_model("Qwen/Qwen3-VL-4B-Instruct" or a directory, device, dtype) -> model.Qwen3VL
-    load_tokenizer(same) -> tokenizers.Tokenizer
-    encode_chat(tokenizer, messages) -> input_ids (1, T), pixel_values (N, 1536), grid (images, 3)
-    save_model(model, directory): the official layout, for a model made here (train.py's tiny one)
+    save_model(model, directory): the official layout, for a model made here (the tiny one)
 
 A checkpoint directory holds config.json, model.safetensors (or shards listed in
-model.safetensors.index.json), generation_config.json and tokenizer.json. Left out on purpose:
-tool calls in the chat format, video, other file formats than safetensors.
+model.safetensors.index.json), generation_config.json and tokenizer.json (processor.py reads
+it). PVM weights are a file of their own (pvm.py). Left out on purpose: other file formats.
 """
 import json
-import math
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tokenizers import Tokenizer
 
-import pvm
 from model import Config, Qwen3VL
-from vision import MERGE, PATCH, TEMPORAL, load_image, preprocess_image
+from vision import MERGE, PATCH, TEMPORAL
 
 
 def resolve_checkpoint(path_or_id):
@@ -45,24 +41,8 @@ def resolve_checkpoint(path_or_id):
                          "checkpoint with --model DIR") from None
 
 
-def check_device(name):
-    """--device, if this machine has it: torch's own error would come late, deep in loading."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name} is not a device name (cpu, cuda, cuda:N, mps)") from None
-    mps = torch.backends.mps.is_available()
-    count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(mps)}  # devices of each kind
-    if device.type not in count:
-        raise ValueError(f"--device {name}: this program runs on cpu, cuda or mps")
-    if count[device.type] == 0:
-        raise ValueError(f"--device {name}, but this torch sees no {device.type} device")
-    if device.index is not None and device.index >= count[device.type]:
-        raise ValueError(f"--device {name}, but this machine has {count[device.type]} "
-                         f"{device.type} device(s)")
-
-
 def read_json(path):
+    """A JSON file's contents; a missing or broken file is a ValueError that names it."""
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -75,20 +55,20 @@ def read_json(path):
 # config.json <-> Config: a glossary of the official names
 
 CONFIG_FIELDS = {  # our Config field -> its place in config.json
-    "vocab_size": "text_config.vocab_size",
-    "hidden_size": "text_config.hidden_size",
+    "vocab_size": "text_config.vocab_size",                      # 151,936 for both sizes
+    "hidden_size": "text_config.hidden_size",                    # D: 2560 (4B), 4096 (8B)
     "intermediate_size": "text_config.intermediate_size",        # SwiGLU width
-    "num_layers": "text_config.num_hidden_layers",
+    "num_layers": "text_config.num_hidden_layers",               # 36 for both sizes
     "num_heads": "text_config.num_attention_heads",
     "num_kv_heads": "text_config.num_key_value_heads",           # grouped-query attention
-    "head_dim": "text_config.head_dim",
+    "head_dim": "text_config.head_dim",                          # 128, not D / heads
     "rms_norm_eps": "text_config.rms_norm_eps",
-    "rope_theta": "text_config.rope_theta",
+    "rope_theta": "text_config.rope_theta",                      # 5,000,000
     "mrope_section": "text_config.rope_scaling.mrope_section",   # (t, h, w) frequency pairs
     "max_position_embeddings": "text_config.max_position_embeddings",
-    "tie_word_embeddings": "tie_word_embeddings",
-    "image_token_id": "image_token_id",
-    "vision_hidden_size": "vision_config.hidden_size",
+    "tie_word_embeddings": "tie_word_embeddings",                # 4B: tied; 8B: not
+    "image_token_id": "image_token_id",                          # <|image_pad|>, 151655
+    "vision_hidden_size": "vision_config.hidden_size",           # 1024 (4B), 1152 (8B)
     "vision_depth": "vision_config.depth",
     "vision_num_heads": "vision_config.num_heads",
     "vision_intermediate_size": "vision_config.intermediate_size",
@@ -97,13 +77,13 @@ CONFIG_FIELDS = {  # our Config field -> its place in config.json
 }
 FIXED = {  # what this implementation supports, in config.json's names
     "model_type": "qwen3_vl",
-    "text_config.hidden_act": "silu",
+    "text_config.hidden_act": "silu",  # SwiGLU
     "text_config.attention_bias": False,
-    "text_config.rope_scaling.mrope_interleaved": True,
+    "text_config.rope_scaling.mrope_interleaved": True,  # Qwen3-VL's t,h,w,t,h,w,... layout
     "vision_config.hidden_act": "gelu_pytorch_tanh",
-    "vision_config.patch_size": PATCH,
+    "vision_config.patch_size": PATCH,  # 16 x 16 pixels
     "vision_config.temporal_patch_size": TEMPORAL,
-    "vision_config.spatial_merge_size": MERGE,
+    "vision_config.spatial_merge_size": MERGE,  # 2 x 2 patches make one visual token
     "vision_config.in_channels": 3,
 }
 
@@ -131,9 +111,10 @@ def config_from_hf(hf):
         if lookup(hf, place) not in (None, want):
             raise ValueError(f"config.json has {place} = {lookup(hf, place)!r}; "
                              f"this implementation supports {want!r}")
-    values = {field: checked(lookup(hf, place), place, type(getattr(Config, field)))
-              for field, place in CONFIG_FIELDS.items()}
-    config = Config(**values)
+    values = {field: lookup(hf, place) for field, place in CONFIG_FIELDS.items()}
+    if missing := [CONFIG_FIELDS[field] for field, v in values.items() if v is None]:
+        raise ValueError(f"config.json lacks {', '.join(missing)}")
+    config = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     if sum(config.mrope_section) != config.head_dim // 2:
         raise ValueError(f"config.json: text_config.rope_scaling.mrope_section sums to "
                          f"{sum(config.mrope_section)}, not head_dim / 2 = {config.head_dim // 2}")
@@ -142,20 +123,6 @@ def config_from_hf(hf):
                          f"{list(config.vision_deepstack_indexes)} go beyond the vision depth "
                          f"{config.vision_depth}")
     return config
-
-
-def checked(value, place, kind):
-    """config.json's value at `place` as a Config field of type `kind`, or a clear error."""
-    if value is None:
-        raise ValueError(f"config.json lacks {place}")
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    fits = {int: is_int, float: is_int or isinstance(value, float), bool: isinstance(value, bool),
-            tuple: isinstance(value, list) and all(isinstance(v, int) for v in value)}[kind]
-    if not fits:
-        want = {int: "an integer", float: "a number", bool: "true or false",
-                tuple: "a list of integers"}[kind]
-        raise ValueError(f"config.json: {place} must be {want}, got {value!r}")
-    return tuple(value) if kind is tuple else value
 
 
 def hf_config(config):
@@ -217,23 +184,25 @@ def rename(name, table):
 
 
 def weight_files(ckpt):
+    """The checkpoint's safetensors files: one, or the shards its index lists (the 8B's 4). An
+    index without a weight_map lists none, and load_weights then names a missing tensor."""
     index = ckpt / "model.safetensors.index.json"
     if not index.exists():
         return ["model.safetensors"]
-    weight_map = read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{index} has no weight_map")
-    return sorted(set(weight_map.values()))
+    return sorted(set(read_json(index).get("weight_map", {}).values()))
 
 
 def load_weights(model, ckpt):
     """Copy every checkpoint tensor into its parameter. The files are memory-mapped (their pages
     are the page cache's, not a second copy of the weights) and each tensor is converted to the
     parameter's dtype and device on the way. Strict: an unknown, missing, duplicated or
-    mis-shaped tensor raises, naming the tensor; so does a header that does not fit its data."""
+    mis-shaped tensor raises, naming the tensor."""
     params, filled = dict(model.named_parameters()), set()  # a tied head appears once
     for file in weight_files(ckpt):
-        f = open_safetensors(ckpt / file, "weights file")
+        try:  # safetensors refuses a header that does not fit its data (untrusted input)
+            f = safe_open(ckpt / file, framework="pt")
+        except Exception as e:  # missing, truncated, inconsistent, a Git LFS pointer
+            raise ValueError(f"cannot read weights file {ckpt / file}: {e}") from None
         for name in f.keys():
             ours = rename(name, TO_OURS)
             if ours is None:
@@ -258,10 +227,9 @@ def load_weights(model, ckpt):
                          f"e.g. {rename(missing[0], TO_CHECKPOINT)}")
 
 
-def load_model(path_or_id, device="cpu", dtype=torch.float32, pvm_file=None):
+def load_model(path_or_id, device="cpu", dtype=torch.float32):
     """Build the model on the meta device (no memory), allocate it once in `dtype` on `device`,
-    then copy the weights in. The backbone comes back frozen, in eval mode; `pvm_file` is an
-    optional file of PVM weights to attach (see pvm.py)."""
+    then copy the weights in. It comes back frozen, in eval mode; pvm.load_pvm attaches PVM."""
     ckpt = resolve_checkpoint(path_or_id)
     config = config_from_hf(read_json(ckpt / "config.json"))
     config.eos_token_ids = stop_tokens(ckpt)
@@ -271,10 +239,7 @@ def load_model(path_or_id, device="cpu", dtype=torch.float32, pvm_file=None):
     if config.tie_word_embeddings:  # to_empty gives every parameter new storage: tie again
         model.lm_head.weight = model.embed_tokens.weight
     load_weights(model, ckpt)
-    model.eval().requires_grad_(False)
-    if pvm_file is not None:
-        pvm.load_pvm(model, pvm_file)
-    return model
+    return model.eval().requires_grad_(False)
 
 
 def stop_tokens(ckpt):
@@ -284,10 +249,7 @@ def stop_tokens(ckpt):
     eos = read_json(file).get("eos_token_id") if file.exists() else None
     if eos is None:
         eos = lookup(read_json(ckpt / "config.json"), "text_config.eos_token_id")
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else eos
-    if not isinstance(eos, list) or not all(isinstance(i, int) for i in eos):
-        raise ValueError(f"{file}: eos_token_id must be a token id or a list of them")
-    return tuple(eos)
+    return () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
 
 
 def save_model(model, directory):
@@ -307,194 +269,3 @@ def save_model(model, directory):
     (directory / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
     eos = {"eos_token_id": list(model.config.eos_token_ids)}
     (directory / "generation_config.json").write_text(json.dumps(eos, indent=2) + "\n")
-
-
-def load_tokenizer(path_or_id):
-    ckpt = resolve_checkpoint(path_or_id)
-    if not (ckpt / "tokenizer.json").exists():
-        raise ValueError(f"missing tokenizer.json in {ckpt}")
-    try:
-        tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
-    except Exception as e:  # not JSON, cut short, or not a tokenizer
-        raise ValueError(f"cannot read {ckpt / 'tokenizer.json'}: {e}") from None
-    for token in CHAT_TOKENS:  # another model's tokenizer would spell them out as text
-        if tokenizer.token_to_id(token) is None:
-            raise ValueError(f"{ckpt / 'tokenizer.json'} lacks the token {token}: "
-                             "not a Qwen3-VL tokenizer")
-    return tokenizer
-
-
-# -----------------------------------------------------------------------------
-# the chat format (what the official chat_template.json produces, without tools)
-
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
-CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
-
-
-def content_parts(content):
-    """A message's content as a list of parts, each {"type": "text", "text": str} or
-    {"type": "image", "image": a PIL image, a path, or None where the part names none}.
-    A string is one text part; a part is an image if its type says so or it has an "image" or
-    "path" key (both spellings of the official template)."""
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    if not isinstance(content, list) or not all(isinstance(part, dict) for part in content):
-        raise ValueError("message content must be a string or a list of parts")
-    parts = []
-    for part in content:
-        if part.get("type") == "image" or "image" in part or "path" in part:
-            parts.append({"type": "image", "image": part.get("image", part.get("path"))})
-        elif isinstance(part.get("text"), str):
-            parts.append({"type": "text", "text": part["text"]})
-    return parts
-
-
-def chat_text(messages, add_generation_prompt=True):
-    """messages -> (prompt text with one <|image_pad|> per image, the images in order, and the
-    character spans (start, end) of each assistant reply with its <|im_end|>, the tokens a
-    fine-tuning loss is taken on). Messages are {"role": "system" | "user" | "assistant",
-    "content": str or [{"type": "text", "text": ...}, {"type": "image", "image": PIL or path}]}."""
-    text, images, spans = "", [], []
-    for i, message in enumerate(messages):
-        role = message["role"]
-        if role == "system" and i > 0:
-            continue  # the official template only reads a system message in first place
-        text += f"<|im_start|>{role}\n"
-        start = len(text)
-        for part in content_parts(message["content"]):
-            if part["type"] == "text":
-                text += part["text"]
-            elif role == "user":  # images are read in user turns only
-                if part["image"] is None:
-                    raise ValueError("an image part needs an 'image' (a PIL image or a path)")
-                images.append(part["image"])
-                text += IMAGE_PLACEHOLDER
-        text += "<|im_end|>"
-        if role == "assistant":
-            spans.append((start, len(text)))
-        text += "\n"
-    if add_generation_prompt:
-        text += "<|im_start|>assistant\n"
-    return text, images, spans
-
-
-def encode(tokenizer, messages, add_generation_prompt):
-    """input_ids (1, T), pixel_values (N, 1536) or None, grid (images, 3) or None, and a bool
-    (1, T) mask of the tokens inside assistant replies."""
-    text, images, spans = chat_text(messages, add_generation_prompt)
-    images = [load_image(im) if isinstance(im, (str, Path)) else im for im in images]
-    pixel_values, grids = zip(*map(preprocess_image, images)) if images else ((), ())
-    encoding = tokenizer.encode(text, add_special_tokens=False)
-    in_reply = [any(s <= start < e for s, e in spans) for start, _ in encoding.offsets]
-    # each image's one <|image_pad|> becomes one pad per merged visual token, as the processor
-    pad_id = tokenizer.token_to_id("<|image_pad|>")
-    counts = iter(int(grid.prod()) // MERGE**2 for grid in grids)
-    ids, mask = [], []
-    for token, reply in zip(encoding.ids, in_reply):
-        n = next(counts, None) if token == pad_id else 1
-        if n is None:
-            raise ValueError("the prompt holds more <|image_pad|> tokens than there are images")
-        ids += [token] * n
-        mask += [reply] * n
-    if not images:
-        return torch.tensor([ids]), None, None, torch.tensor([mask])
-    return torch.tensor([ids]), torch.cat(pixel_values), torch.cat(grids), torch.tensor([mask])
-
-
-def encode_chat(tokenizer, messages, add_generation_prompt=True):
-    """Chat messages with images -> input_ids (1, T), pixel_values (N, 1536) or None,
-    image_grid_thw (images, 3) or None: what the reference processor's apply_chat_template
-    gives."""
-    return encode(tokenizer, messages, add_generation_prompt)[:3]
-
-
-def encode_chat_for_training(tokenizer, messages):
-    """As encode_chat without the generation prompt, plus the loss mask (1, T): True on the
-    tokens of each assistant reply and its <|im_end|>."""
-    return encode(tokenizer, messages, add_generation_prompt=False)
-
-
-# -----------------------------------------------------------------------------
-# checking a weights file's header: a file from the hub is untrusted input
-
-# bytes per element of each safetensors dtype that torch reads
-DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
-               "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-
-
-def open_safetensors(path, what):
-    """safetensors' safe_open, which refuses a file whose header does not fit its data (a file
-    from the hub is untrusted input); its message often names no tensor, so header_problem
-    looks for the one to name."""
-    try:
-        return safe_open(path, framework="pt")
-    except Exception as e:  # missing, truncated, an inconsistent header, a Git LFS pointer
-        raise ValueError(f"cannot read {what} {path}: {header_problem(path) or e}") from None
-
-
-def header_problem(path):
-    """What makes a safetensors file's header inconsistent, naming the tensor, or None. The format:
-    8 bytes (little-endian header length), a JSON header {name: {"dtype", "shape", "data_offsets":
-    [begin, end]}} with offsets into the data that follows; each tensor takes exactly its bytes."""
-    path = Path(path)
-    if not path.is_file() or path.stat().st_size < 8:
-        return None
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        data_bytes = path.stat().st_size - 8 - length
-        if data_bytes < 0:  # cut short, or not safetensors at all: safetensors' message says so
-            return None
-        try:
-            header = json.loads(f.read(length), object_pairs_hook=no_duplicates)
-        except ValueError as e:  # not JSON, not UTF-8, or a name twice
-            return f"the header is not valid: {e}"
-    if not isinstance(header, dict):
-        return "the header is not a JSON object"
-    spans = []  # (begin, end, name) of each tensor
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if problem := entry_problem(entry, data_bytes):
-            return f"tensor {name}: {problem}"
-        spans.append((*entry["data_offsets"], name))
-    spans.sort()
-    for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
-        if begin < end:
-            return f"tensors {name} and {other} overlap (bytes {begin} to {end} of the data)"
-    return None
-
-
-def no_duplicates(pairs):
-    """A JSON object's pairs as a dict, refusing a key given twice (json.loads keeps the last)."""
-    seen = set()
-    for name, _ in pairs:
-        if name in seen:
-            raise ValueError(f"{name} appears twice")
-        seen.add(name)
-    return dict(pairs)
-
-
-def entry_problem(entry, data_bytes):
-    """What is wrong with one tensor's header entry, or None."""
-    if not isinstance(entry, dict):
-        return "its entry is not an object"
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_BYTES:
-        return f"unknown dtype {dtype!r}"
-    if not is_sizes(shape):
-        return f"shape {shape!r} is not a list of sizes"
-    if not is_sizes(offsets) or len(offsets) != 2:
-        return f"data_offsets {offsets!r} are not [begin, end]"
-    begin, end = offsets
-    need = math.prod(shape) * DTYPE_BYTES[dtype]
-    if end - begin != need:  # an end before the begin too
-        return (f"data_offsets {offsets} span {end - begin} bytes; shape {shape} of {dtype} "
-                f"takes {need}")
-    if end > data_bytes:
-        return f"data_offsets {offsets} end beyond the file's {data_bytes} bytes of data"
-    return None
-
-
-def is_sizes(value):
-    """A list of non-negative integers."""
-    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)

@@ -15,18 +15,14 @@ decoder.
 Shape legend: B batch, T text positions, Nv visual tokens (padded), D model width, d latent
 width, nq / nkv latent query / key-value heads, hd head width.
 """
-import os
 import re
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from model import MLP, RMSNorm
-
-PRESETS = {"4b": (5, 11, 17), "8b": (8, 16, 24)}  # decoder layers that carry a PVM block; d = 512
 
 
 class CrossAttention(nn.Module):
@@ -93,14 +89,13 @@ class PVMBlock(nn.Module):
 def attach_pvm(model, layers, d=512):
     """Give decoder `layers` a freshly initialised PVM block of latent width d (trainable)."""
     config = model.config
-    layers_fit = layers and all(0 <= i < config.num_layers for i in layers)
-    if d <= 0 or d % config.head_dim or not layers_fit:
-        raise ValueError(f"PVM needs layers within 0..{config.num_layers - 1} and a width that is "
-                         f"a multiple of head_dim {config.head_dim}; "
-                         f"got layers {list(layers)}, width {d}")
+    if not set(layers) <= set(range(config.num_layers)) or d <= 0 or d % config.head_dim:
+        raise ValueError(f"PVM needs layers within 0..{config.num_layers - 1} and a width that "
+                         f"is a multiple of head_dim {config.head_dim}; got layers "
+                         f"{list(layers)}, width {d}")
     for i in layers:
-        block = PVMBlock(config, d).to(model.embed_tokens.weight)  # the model's device and dtype
-        model.layers[i].pvm_block = block
+        # fresh, on the model's device and in its dtype
+        model.layers[i].pvm_block = PVMBlock(config, d).to(model.embed_tokens.weight)
     config.pvm_layers, config.pvm_dim = tuple(sorted(layers)), d
     return model
 
@@ -112,58 +107,31 @@ def pvm_state_dict(model):
             for name, tensor in layer.pvm_block.state_dict().items()}
 
 
-def write_atomic(path, write):
-    """write(temporary file), then rename it to `path`: a crash or a full disk never leaves half a
-    file there (the previous one stays whole), and a failed write removes its temporary file. The
-    temporary name holds the process id, so that two processes never write into one file."""
-    tmp = Path(f"{path}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:  # Ctrl-C too
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, Exception):  # torch and safetensors report a full disk in types of theirs
-            raise OSError(f"cannot write {path}: {e}") from e
-        raise
-
-
 def save_pvm(model, path):
-    """Write the PVM weights alone as safetensors, atomically; never a NaN or an infinity."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in pvm_state_dict(model).items()}
-    for name, tensor in tensors.items():
-        if not torch.isfinite(tensor).all():  # a diverged run: load_pvm would refuse the file
-            raise ValueError(f"{name} holds NaN or infinite values: not written to {path}")
-    write_atomic(path, lambda tmp: save_file(tensors, tmp))
+    """The PVM weights alone, as safetensors (common.save_checkpoint writes them atomically)."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in pvm_state_dict(model).items()}, path)
 
 
 def load_pvm(model, path):
-    """Attach and load PVM weights. The layers and the width come from the tensor names and shapes
-    (files of the reference code carry no metadata); a file that does not fit raises ValueError."""
-    from load_qwen import open_safetensors  # here: load_qwen imports this module
-    with open_safetensors(path, "PVM weights") as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-    found = [re.fullmatch(r"model\.language_model\.layers\.(\d+)\.pvm_block\..+", name)
-             for name in tensors]
-    if not found or None in found:
+    """Attach and load PVM weights. The layers and the width come from the tensor names and
+    shapes (the reference code's files carry no metadata); a file that does not fit the model,
+    or a file safetensors refuses, raises ValueError naming the path."""
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # missing, truncated, not safetensors
+        raise ValueError(f"cannot read PVM weights {path}: {e}") from None
+    prefix = re.compile(r"model\.language_model\.layers\.(\d+)\.pvm_block\.")
+    if not tensors or not all(map(prefix.match, tensors)):
         raise ValueError(f"{path} is not a file of PVM weights "
                          "(model.language_model.layers.N.pvm_block.*)")
-    layers = tuple(sorted({int(m.group(1)) for m in found}))
-    d = next((t.shape[0] for name, t in tensors.items() if name.endswith("text_reducer.weight")), 0)
-    if not model.config.pvm_layers:
+    if not model.config.pvm_layers:  # the layers from the names, the width from a shape
+        layers = {int(prefix.match(name).group(1)) for name in tensors}
+        d = next((t.size(0) for n, t in tensors.items() if n.endswith("text_reducer.weight")), 0)
         attach_pvm(model, layers, d)
-    if (layers, d) != (model.config.pvm_layers, model.config.pvm_dim):
-        raise ValueError(f"{path} holds PVM at layers {list(layers)} with width {d}; the model "
-                         f"carries it at layers {list(model.config.pvm_layers)} "
-                         f"with width {model.config.pvm_dim}")
-    expected = pvm_state_dict(model)
-    for name in sorted(expected.keys() | tensors.keys()):
-        if name not in tensors or name not in expected:
-            raise ValueError(f"{path}: {name} does not fit the model's PVM blocks of width {d}")
-        if tensors[name].shape != expected[name].shape:
-            raise ValueError(f"{path}: {name} does not fit the model's PVM blocks of width {d}")
-        if not torch.isfinite(tensors[name]).all():  # a run that diverged
-            raise ValueError(f"{path}: {name} holds NaN or infinite values")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            expected[name].copy_(tensor)
+    blocks = nn.ModuleDict({str(i): model.layers[i].pvm_block for i in model.config.pvm_layers})
+    try:  # strict: every name and every shape
+        blocks.load_state_dict({prefix.sub(r"\1.", name): t for name, t in tensors.items()})
+    except RuntimeError as e:  # torch's message lists each misfit, over several lines
+        raise ValueError(f"{path} does not fit the model's PVM blocks: "
+                         f"{' '.join(str(e).split())}") from None
     return model

@@ -59,9 +59,7 @@ def load_image(path):
         image = Image.open(path)
         image.load()  # PIL decodes lazily: force it here so a truncated file fails now
         return ImageOps.exif_transpose(image).convert("RGB")
-    except FileNotFoundError:
-        raise ValueError(f"image not found: {path}") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # missing ones too
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import BPE
 
 import fixtures as fx
+import processor
 import load_qwen
 import pvm
 from vision import load_image
@@ -51,8 +52,6 @@ BAD_CONFIGS = {  # config.json -> the words of the error
     "not an object": ([1, 2], "not a Qwen3-VL checkpoint"),
     "no text_config": (edited(lambda c: c.pop("text_config")), "lacks text_config.vocab_size"),
     "null text_config": (edited(lambda c: c.update(text_config=None)), "lacks text_config."),
-    "a string for a number": (edited(lambda c: c["text_config"].update(hidden_size="2560")),
-                              "text_config.hidden_size must be an integer, got '2560'"),
     "DeepStack beyond the depth": (
         edited(lambda c: c["vision_config"].update(deepstack_visual_indexes=[5, 11, 24])),
         "deepstack_visual_indexes [5, 11, 24] go beyond the vision depth 24"),
@@ -70,9 +69,10 @@ def test_config_json_is_checked_field_by_field(case, tmp_path):
 
 
 def test_an_index_without_weight_map(tiny_untied, tmp_path):
+    """It lists no file: every tensor is missing, and the error names one."""
     shutil.copy(tiny_untied / "config.json", tmp_path / "config.json")
     (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
-    with pytest.raises(ValueError, match="model.safetensors.index.json has no weight_map"):
+    with pytest.raises(ValueError, match="is missing .* tensor.*e.g. model."):
         load_qwen.load_model(tmp_path)
 
 
@@ -134,14 +134,14 @@ def test_weights_file_that_is_not_safetensors(tiny_untied, tmp_path):
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_untied):
-    return load_qwen.load_tokenizer(tiny_untied)
+    return processor.load_tokenizer(tiny_untied)
 
 
 def test_image_tokens_that_do_not_match_the_image(tiny_untied, tokenizer, photos):
     photo = photos["chelsea"].reduce(2)
     messages = [{"role": "user", "content": [{"type": "image", "image": photo},
                                              {"type": "text", "text": "What is this?"}]}]
-    ids, pixel_values, grid = load_qwen.encode_chat(tokenizer, messages)
+    ids, pixel_values, grid = processor.encode_chat(tokenizer, messages)
     first = int((ids[0] == 151655).nonzero()[0])
     ids = torch.cat([ids[:, :first], ids[:, first + 1:]], 1)  # one <|image_pad|> fewer
     with pytest.raises(ValueError, match="image_pad"):
@@ -160,11 +160,12 @@ def test_unreadable_images(tmp_path, photos, tokenizer):
         messages = [{"role": "user", "content": [{"type": "image", "image": str(path)},
                                                  {"type": "text", "text": "What is this?"}]}]
         with pytest.raises(ValueError, match=re.escape(str(path))):
-            load_qwen.encode_chat(tokenizer, messages)
+            processor.encode_chat(tokenizer, messages)
 
 
 # -----------------------------------------------------------------------------
-# safetensors headers that do not fit their data: each error names the tensor
+# safetensors headers that do not fit their data: the safetensors library refuses them, and its
+# words come with the file's path
 
 def shift(header, name, begin=0, end=0):
     """Move a tensor's data_offsets by `begin` and `end` bytes."""
@@ -172,29 +173,30 @@ def shift(header, name, begin=0, end=0):
     header[name]["data_offsets"] = [first + begin, last + end]
 
 
-HEADER_FAULTS = {  # case -> (edit(header, names in data order), the error's pattern given names)
+HEADER_FAULTS = {  # case -> (edit(header, names in data order), safetensors' words, given names)
     "span too long": (lambda h, n: shift(h, n[0], end=4),
-                      lambda n: rf"tensor {re.escape(n[0])}: data_offsets \[.*\] span .* takes"),
+                      lambda n: "invalid shape, data type, or offset for tensor"),
     "span too short": (lambda h, n: shift(h, n[0], end=-4),
-                       lambda n: rf"tensor {re.escape(n[0])}: data_offsets \[.*\] span .* takes"),
+                       lambda n: "invalid shape, data type, or offset for tensor"),
     "overlap": (lambda h, n: shift(h, n[1], -4, -4),
-                lambda n: rf"tensors {re.escape(n[0])} and {re.escape(n[1])} overlap"),
+                lambda n: rf"invalid offset for tensor `{re.escape(n[1])}`"),
     "beyond the file": (lambda h, n: shift(h, n[-1], 64, 64),
-                        lambda n: rf"tensor {re.escape(n[-1])}: .* end beyond the file"),
+                        lambda n: rf"invalid offset for tensor `{re.escape(n[-1])}`"),
     "unknown dtype": (lambda h, n: h[n[0]].update(dtype="F33"),
-                      lambda n: rf"tensor {re.escape(n[0])}: unknown dtype 'F33'"),
+                      lambda n: "unknown variant `F33`"),
 }
 FEW = ["model.language_model.norm.weight", "model.visual.merger.norm.weight",
        "model.visual.merger.norm.bias"]  # enough tensors for a header to be wrong about
 
 
 @pytest.mark.parametrize("case", HEADER_FAULTS)
-def test_a_weights_header_that_does_not_fit_names_the_tensor(case, tensors, tiny_untied,
+def test_a_weights_header_that_does_not_fit_is_refused_with_the_path(case, tensors, tiny_untied,
                                                              tmp_path):
     edit, pattern = HEADER_FAULTS[case]
     path = checkpoint_with({name: tensors[name] for name in FEW}, tiny_untied, tmp_path)
     names = fx.edit_safetensors_header(path / "model.safetensors", edit)
-    with pytest.raises(ValueError, match=f"cannot read weights file .*: {pattern(names)}"):
+    with pytest.raises(ValueError, match=f"cannot read weights file {re.escape(str(path))}.*: "
+                                         f".*{pattern(names)}"):
         load_qwen.load_model(path)
 
 
@@ -207,33 +209,21 @@ def pvm_file(tiny_untied, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", HEADER_FAULTS)
-def test_a_pvm_header_that_does_not_fit_names_the_tensor(case, pvm_file, tiny_untied, tmp_path):
+def test_a_pvm_header_that_does_not_fit_is_refused_with_the_path(case, pvm_file, tiny_untied,
+                                                                 tmp_path):
     edit, pattern = HEADER_FAULTS[case]
     shutil.copy(pvm_file, tmp_path / "pvm.safetensors")
     names = fx.edit_safetensors_header(tmp_path / "pvm.safetensors", edit)
-    with pytest.raises(ValueError, match=f"cannot read PVM weights .*: {pattern(names)}"):
-        load_qwen.load_model(tiny_untied, pvm_file=tmp_path / "pvm.safetensors")
-
-
-def test_non_finite_pvm_weights_are_neither_saved_nor_loaded(pvm_file, tiny_untied, tmp_path):
-    name = "model.language_model.layers.3.pvm_block.gate_alpha"
-    diverged = {**load_file(pvm_file), name: torch.tensor([float("nan")])}
-    save_file(diverged, tmp_path / "nan.safetensors")
-    with pytest.raises(ValueError, match=f"{re.escape(name)} holds NaN or infinite values"):
-        load_qwen.load_model(tiny_untied, pvm_file=tmp_path / "nan.safetensors")
-    model = pvm.attach_pvm(load_qwen.load_model(tiny_untied), (1, 3), 64)
-    with torch.no_grad():
-        model.layers[3].pvm_block.gate_alpha.fill_(float("inf"))
-    with pytest.raises(ValueError, match=f"{re.escape(name)} holds NaN or infinite values"):
-        pvm.save_pvm(model, tmp_path / "inf.safetensors")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"]  # nor a temporary
+    with pytest.raises(ValueError, match=f"cannot read PVM weights {re.escape(str(tmp_path))}.*: "
+                                         f".*{pattern(names)}"):
+        pvm.load_pvm(load_qwen.load_model(tiny_untied), tmp_path / "pvm.safetensors")
 
 
 def test_a_tokenizer_json_cut_short_or_of_another_model(tiny_untied, tmp_path):
     text = (tiny_untied / "tokenizer.json").read_text()
     (tmp_path / "tokenizer.json").write_text(text[: len(text) // 2])
     with pytest.raises(ValueError, match=f"cannot read {re.escape(str(tmp_path))}/tokenizer.json"):
-        load_qwen.load_tokenizer(tmp_path)
+        processor.load_tokenizer(tmp_path)
     Tokenizer(BPE(vocab={"a": 0, "b": 1}, merges=[])).save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match=re.escape("lacks the token <|im_start|>")):
-        load_qwen.load_tokenizer(tmp_path)
+        processor.load_tokenizer(tmp_path)

@@ -6,6 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+import processor
+import common
 import data
 import eval as ev
 import pvm
@@ -186,7 +188,7 @@ def test_tiny_end_to_end(tmp_path, capsys):
     assert results["models"] == ["base"] and results["macro"]["n"] == 8
     # the held-out split of `train.py --size tiny`, in its order
     args = train.parse_args(["--size", "tiny"])
-    held_out, _, _ = data.load_data(None, data.tiny_tokenizer(), args.max_len, args.seed,
+    held_out, _, _ = data.load_data(None, processor.tiny_tokenizer(), args.max_len, args.seed,
                                     args.eval_samples, args.synthetic_samples)
     assert [p["id"] for p in predictions] == [where for _, where in held_out[:8]]
     assert [p["answer"] for p in predictions] == [m[1]["content"] for m, _ in held_out[:8]]
@@ -195,7 +197,7 @@ def test_tiny_end_to_end(tmp_path, capsys):
 
 
 def write_pvm(path, gate):
-    model = pvm.attach_pvm(train.tiny_model(0), train.SIZES["tiny"]["pvm_layers"], 64)
+    model = pvm.attach_pvm(common.tiny_model(0), common.SIZES["tiny"]["pvm_layers"], 64)
     for i in model.config.pvm_layers:
         model.layers[i].pvm_block.gate_alpha.data.fill_(gate)
     pvm.save_pvm(model, path)
@@ -324,7 +326,7 @@ def test_bad_data_lines(case, bench, capsys):
     assert err.count("\n") == 1
 
 
-@pytest.mark.parametrize("image, message", [("gone.png", "image not found"),
+@pytest.mark.parametrize("image, message", [("gone.png", "cannot read image"),
                                             ("garbage.png", "cannot read image")])
 def test_bad_images(image, message, bench, capsys):
     (bench / "bench.jsonl").write_text(json.dumps({**GOOD, "images": [image]}) + "\n")
@@ -352,7 +354,7 @@ def test_bad_options(args, message, bench, capsys, monkeypatch):
 
 
 def test_no_data_without_the_tiny_size(tmp_path, capsys):
-    data.tiny_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    processor.tiny_tokenizer().save(str(tmp_path / "tokenizer.json"))
     assert ev.cli(["--model", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (
         "error: --data FILE is needed (or --size tiny, for the built-in task)\n")

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import fixtures as fx
+import processor
 import generate
 import load_qwen
 import pvm
@@ -79,9 +80,9 @@ def test_greedy_cli_equals_reference(case, cli_runs, tiny_untied, ref_processor,
                                                        max_new_tokens=NEW_TOKENS)
     new = out[0, inputs["input_ids"].size(1):].tolist()
     assert len(new) == NEW_TOKENS  # no early stop: all 32 tokens are compared
-    tokenizer = load_qwen.load_tokenizer(tiny_untied)
-    prompt = load_qwen.encode_chat(tokenizer, messages)
-    assert list(generate.generate(ours[0], *prompt, NEW_TOKENS)) == new
+    tokenizer = processor.load_tokenizer(tiny_untied)
+    prompt = processor.encode_chat(tokenizer, messages)
+    assert list(generate.generate(ours[0], *prompt, max_new_tokens=NEW_TOKENS)) == new
     want = tokenizer.decode(new, skip_special_tokens=True)
 
     stdout, stderr = processes[case].communicate(timeout=300)
@@ -96,7 +97,7 @@ def ours(tiny_untied):
     model = load_qwen.load_model(tiny_untied)
     content = [{"type": "image", "image": CAT}, {"type": "text", "text": "Hi"}]
     messages = [{"role": "user", "content": content}]
-    return model, load_qwen.encode_chat(load_qwen.load_tokenizer(tiny_untied), messages)
+    return model, processor.encode_chat(processor.load_tokenizer(tiny_untied), messages)
 
 
 def run(model, prompt, **options):
@@ -156,7 +157,7 @@ def test_pvm_file_attaches(ours, tiny_untied, tmp_path):
     base = run(model, prompt)
     with_pvm = pvm.attach_pvm(load_qwen.load_model(tiny_untied), [1, 3], 64)
     pvm.save_pvm(with_pvm, tmp_path / "pvm.safetensors")
-    loaded = load_qwen.load_model(tiny_untied, pvm_file=tmp_path / "pvm.safetensors")
+    loaded = pvm.load_pvm(load_qwen.load_model(tiny_untied), tmp_path / "pvm.safetensors")
     assert run(loaded, prompt) == base
     for layer in (1, 3):
         loaded.layers[layer].pvm_block.gate_alpha.data.fill_(1.0)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fixtures as fx
+import processor
 import generate
 import load_qwen
 import pvm
@@ -90,14 +91,14 @@ def test_pvm_batch_equals_each_prompt_alone(tiny_untied, batch, ref_processor, c
 
 
 def test_left_pad_makes_the_reference_processors_batch(batch, conversations, tiny_untied):
-    tokenizer = load_qwen.load_tokenizer(tiny_untied)
-    prompts = [load_qwen.encode_chat(tokenizer, c) for c in conversations]
-    input_ids, attention_mask, pixel_values, image_grid_thw = generate.left_pad(prompts)
+    tokenizer = processor.load_tokenizer(tiny_untied)
+    prompts = [processor.encode_chat(tokenizer, c) for c in conversations]
+    input_ids, attention_mask, pixel_values, image_grid_thw = processor.left_pad(prompts)
     assert torch.equal(attention_mask, batch["attention_mask"])
     assert torch.equal(input_ids * attention_mask, batch["input_ids"] * attention_mask)
     assert torch.equal(pixel_values, batch["pixel_values"])
     assert torch.equal(image_grid_thw, batch["image_grid_thw"])
-    assert generate.left_pad(prompts[1:2])[2:] == (None, None)  # the text-only prompt
+    assert processor.left_pad(prompts[1:2])[2:] == (None, None)  # the text-only prompt
 
 
 def test_greedy_samples_are_the_one_answer_and_the_vision_tower_runs_once(model, batch, greedy):
@@ -157,8 +158,8 @@ def test_each_row_stops_at_its_own_stop_token(model, batch, greedy):
 def test_the_cache_grows_with_the_answer_not_the_cap(model, tiny_untied):
     """Each step attends over fewer than twice the keys it needs and the cache holds no more,
     though the cap would allow the whole context (4096)."""
-    tokenizer = load_qwen.load_tokenizer(tiny_untied)
-    ids, _, _ = load_qwen.encode_chat(tokenizer, user({"type": "text", "text": "Hi there"}))
+    tokenizer = processor.load_tokenizer(tiny_untied)
+    ids, _, _ = processor.encode_chat(tokenizer, user({"type": "text", "text": "Hi there"}))
     T, steps = ids.size(1), []
     assert T == 10
 

@@ -12,11 +12,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import common
 import grpo
+import processor
 import train
-from load_qwen import encode_chat, load_model
+from load_qwen import load_model
+from pvm import load_pvm
+from processor import encode_chat
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+
+def built(args):
+    """The model train.py and grpo.py build for these options, fresh."""
+    return common.build_model(args.size, args.seed, None, "cpu", torch.float32, args.grad_ckpt)
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
@@ -54,8 +63,8 @@ def multiple_of_3(text, ids, sample, kind, tokenizer):
 
 def prepare(setattr=setattr):
     """grpo.main with even_stops models and the multiple_of_3 reward."""
-    build = train.build_model
-    setattr(train, "build_model", lambda *args: even_stops(build(*args)))
+    build = common.build_model
+    setattr(common, "build_model", lambda *args: even_stops(build(*args)))
     setattr(grpo, "rewards", multiple_of_3)
 
 
@@ -102,15 +111,15 @@ def test_the_loss_is_the_formula_written_out(tmp_path, monkeypatch, captured):
     reward's distance to its group's mean over the group's std (n - 1) + 1e-4; a truncated row
     (or one holding <|image_pad|>) out of both sums; an all-equal group out of the gradient, not
     of the count."""
-    build = train.build_model
-    monkeypatch.setattr(train, "build_model", lambda *args: opened(build(*args)))
+    build = common.build_model
+    monkeypatch.setattr(common, "build_model", lambda *args: opened(build(*args)))
     monkeypatch.setattr(grpo, "generate_batch", lambda *args, seed, **kwargs: COMPLETIONS[seed])
     monkeypatch.setattr(grpo, "rewards", lambda text, ids, *rest: REWARDS[ids[0]])
     args = grpo.parse_args(tiny_args(tmp_path, "--max-steps", "1"))
     grpo.main(args)
 
-    model = train.build_model(args, None, "cpu", torch.float32)
-    prompts, tokenizer = grpo.load_prompts(args), grpo.tiny_tokenizer()
+    model = built(args)
+    prompts, tokenizer = grpo.load_prompts(args), processor.tiny_tokenizer()
     rewards = [[1.0, 0.0, 0.9, 0.1], [1.0, 1.0, 1.0, 1.0]]
     total, count = 0.0, 0
     for sample, completions, group in zip(prompts, COMPLETIONS, rewards):
@@ -149,7 +158,7 @@ def test_the_loss_is_the_formula_written_out(tmp_path, monkeypatch, captured):
 def test_only_the_trainable_parameters_get_gradients_and_change(tmp_path, prepared, captured,
                                                                 trainable):
     args = grpo.parse_args(tiny_args(tmp_path, "--max-steps", "1", "--trainable", trainable))
-    fresh = digests(train.build_model(args, None, "cpu", torch.float32).named_parameters())
+    fresh = digests(built(args).named_parameters())
     model = grpo.main(args)
     names = {id(p): name for name, p in model.named_parameters()}
     trainable_names = {name for name in fresh
@@ -158,7 +167,7 @@ def test_only_the_trainable_parameters_get_gradients_and_change(tmp_path, prepar
     trained = digests(model.named_parameters())
     assert {name for name in fresh if fresh[name] != trained[name]} == trainable_names
     if trainable == "lm":  # the whole model as an official checkpoint, PVM in its own file
-        loaded = load_model(tmp_path / "model", pvm_file=tmp_path / "pvm.safetensors")
+        loaded = load_pvm(load_model(tmp_path / "model"), tmp_path / "pvm.safetensors")
         assert digests(loaded.named_parameters()) == trained
 
 
@@ -243,7 +252,7 @@ def test_the_reward_is_0_1_for_the_format_and_0_9_for_the_answer():
     }
     for text, parts in cases.items():
         assert grpo.rewards(text, [], sample, "think_answer", None) == parts, text
-    tokenizer = grpo.tiny_tokenizer()  # --size tiny: the first token alone (one byte here)
+    tokenizer = processor.tiny_tokenizer()  # --size tiny: the first token alone (one byte here)
     tiny = {"B": (0.0, 1.0), "Blue": (0.0, 1.0), "C": (0.0, 0.0), " B": (0.0, 0.0)}
     for text, parts in tiny.items():
         ids = tokenizer.encode(text).ids

@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 import fixtures as fx
+import processor
 import load_qwen
 
 
@@ -59,14 +60,14 @@ def reference_inputs(ref_processor, conversations):
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_tied):
-    return load_qwen.load_tokenizer(tiny_tied)
+    return processor.load_tokenizer(tiny_tied)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if len(CASES[c]) == 1])
 def test_prompt_ids_equal_the_processor(case, tokenizer, ref_processor, photos):
     conversation = chat(case, photos)[0]
     want = reference_inputs(ref_processor, [conversation])
-    ids, pixel_values, grid = load_qwen.encode_chat(tokenizer, conversation)
+    ids, pixel_values, grid = processor.encode_chat(tokenizer, conversation)
     assert ids.tolist() == want["input_ids"].tolist()
     if "pixel_values" not in want:
         assert pixel_values is None

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 import fixtures as fx
+import processor
 import load_qwen
 from vision import MAX_PIXELS, MIN_PIXELS, preprocess_image
 
@@ -75,7 +76,7 @@ def test_aspect_ratio_over_200_is_refused_like_the_reference(photos, reference):
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_tied):
-    return load_qwen.load_tokenizer(tiny_tied)
+    return processor.load_tokenizer(tiny_tied)
 
 
 def rotated_jpeg(photos, path):
@@ -103,7 +104,7 @@ def test_image_files_in_a_chat_equal_the_processor(name, key, tmp_path, photos, 
                                              {"type": "text", "text": "What is this?"}]}]
     want = ref_processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
                                              return_dict=True, return_tensors="pt")
-    ids, pixel_values, grid = load_qwen.encode_chat(tokenizer, messages)
+    ids, pixel_values, grid = processor.encode_chat(tokenizer, messages)
     assert ids.tolist() == want["input_ids"].tolist()
     assert grid.tolist() == want["image_grid_thw"].tolist()
     assert torch.equal(pixel_values, want["pixel_values"])

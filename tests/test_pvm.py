@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import load_qwen
 import pvm
 from model import KVCache, Qwen3VL
@@ -20,8 +21,8 @@ IMAGE, VSTART, VEND = 151655, 151652, 151653
 def test_parameter_counts_match_the_paper(size, total):
     config = load_qwen.config_from_hf(json.loads((OFFICIAL / f"config-{size}.json").read_text()))
     with torch.device("meta"):
-        model = pvm.attach_pvm(Qwen3VL(config), pvm.PRESETS[size], 512)
-    layers = [model.layers[i] for i in pvm.PRESETS[size]]
+        model = pvm.attach_pvm(Qwen3VL(config), common.SIZES[size]["pvm_layers"], 512)
+    layers = [model.layers[i] for i in common.SIZES[size]["pvm_layers"]]
     counts = [sum(p.numel() for p in layer.pvm_block.parameters()) for layer in layers]
     assert sum(counts) == total
     assert len(set(counts)) == 1
@@ -159,17 +160,20 @@ def test_save_load_round_trip_and_refusals(tiny_untied, pvm_model, tmp_path):
     pvm.save_pvm(pvm_model, tmp_path / "pvm.safetensors")
     with torch.no_grad():
         pvm_model.layers[3].pvm_block.gate_alpha.zero_()
-    loaded = load_qwen.load_model(tiny_untied, pvm_file=tmp_path / "pvm.safetensors")
+    loaded = pvm.load_pvm(load_qwen.load_model(tiny_untied), tmp_path / "pvm.safetensors")
     assert loaded.config.pvm_layers == (1, 3)
     assert loaded.config.pvm_dim == 64
     assert loaded.layers[3].pvm_block.gate_alpha.item() == 0.25
     for name, tensor in pvm.pvm_state_dict(loaded).items():
         if "gate_alpha" not in name:
             assert torch.equal(tensor, pvm.pvm_state_dict(pvm_model)[name])
-    refusals = [([0, 2], 64, r"layers \[0, 2\] with width 64"), ([1, 3], 32, "width 32")]
+    # torch's strict load_state_dict names what does not fit (the keys: layer.parameter)
+    refusals = [([0, 2], 64, 'Unexpected key.*"0.text_reducer.weight"'),
+                ([1, 3], 32, "size mismatch for 1.text_reducer.weight")]
     for layers, d, message in refusals:
         other = pvm.attach_pvm(load_qwen.load_model(tiny_untied), layers, d)
         pvm.save_pvm(other, tmp_path / "other.safetensors")
-        with pytest.raises(ValueError, match=message):
-            pvm.load_pvm(load_qwen.load_model(tiny_untied, pvm_file=tmp_path / "pvm.safetensors"),
-                         tmp_path / "other.safetensors")
+        model = pvm.load_pvm(load_qwen.load_model(tiny_untied), tmp_path / "pvm.safetensors")
+        with pytest.raises(ValueError, match="other.safetensors does not fit the model's PVM "
+                                             f"blocks: .*{message}"):
+            pvm.load_pvm(model, tmp_path / "other.safetensors")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fixtures as fx
+import processor
 import generate
 import load_qwen
 import pvm
@@ -30,7 +31,7 @@ def encode(checkpoint, image=True):
     content = [{"type": "image", "image": CAT}] * image
     content.append({"type": "text", "text": "Describe this image."})
     messages = [{"role": "user", "content": content}]
-    return load_qwen.encode_chat(load_qwen.load_tokenizer(checkpoint), messages)
+    return processor.encode_chat(processor.load_tokenizer(checkpoint), messages)
 
 
 def recorded(model, prompt, **options):
@@ -128,7 +129,8 @@ def test_report_changes_no_token_and_nothing_is_hooked_without_it(tiny_untied, t
         assert (layer is None) == (ranks[-1] != 1)
     model = load_qwen.load_model(tiny_untied)
     options = dict(temperature=0.7, top_k=20, top_p=0.8, seed=3)  # generation_config.json's
-    assert numbers["tokens"] == list(generate.generate(model, *encode(tiny_untied), N, **options))
+    assert numbers["tokens"] == list(generate.generate(model, *encode(tiny_untied),
+                                                                max_new_tokens=N, **options))
     assert (tmp_path / "report.png").read_bytes().startswith(b"\x89PNG")
 
 

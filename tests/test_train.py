@@ -13,12 +13,25 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
+import processor
+import common
 import data
 import generate
 import load_qwen
+import pvm
 import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+
+def built(args):
+    """The model train.py and grpo.py build for these options, fresh."""
+    return common.build_model(args.size, args.seed, None, "cpu", torch.float32, args.grad_ckpt)
+
+
+def READ(record, root, where):
+    """data.read_jsonl's reading of a training record, as data.load_data's."""
+    return data.to_messages(record, root), where
 
 
 def tiny_args(out, *extra):
@@ -48,7 +61,7 @@ def write_replies(directory, n):
 def open_gates(monkeypatch):
     """Makes train.build_model open every PVM gate (as after some training), so that one step
     gives every PVM parameter a gradient, not the gates alone."""
-    build = train.build_model
+    build = common.build_model
 
     def build_open(*args):
         model = build(*args)
@@ -56,16 +69,16 @@ def open_gates(monkeypatch):
             for i in model.config.pvm_layers:
                 model.layers[i].pvm_block.gate_alpha.fill_(0.5)
         return model
-    monkeypatch.setattr(train, "build_model", build_open)
+    monkeypatch.setattr(common, "build_model", build_open)
 
 
 def test_one_step_changes_every_pvm_parameter_and_nothing_else(tmp_path, monkeypatch):
     args = tiny_args(tmp_path, "--max-steps", "2", "--save-every", "1")
-    fresh = digests(train.build_model(args, None, "cpu", torch.float32).named_parameters())
+    fresh = digests(built(args).named_parameters())
     saved = []  # PVM weights after each step
-    save = train.save_checkpoint
-    monkeypatch.setattr(train, "save_checkpoint", lambda out, model, *rest: (
-        saved.append(digests(train.pvm_state_dict(model).items())), save(out, model, *rest)))
+    save = common.save_checkpoint
+    monkeypatch.setattr(common, "save_checkpoint", lambda out, model, *rest: (
+        saved.append(digests(pvm.pvm_state_dict(model).items())), save(out, model, *rest)))
     model = train.main(args)
     trained = digests(model.named_parameters())
     pvm_names = {name for name in fresh if ".pvm_block." in name}
@@ -85,13 +98,13 @@ def test_loss_mask_is_exactly_the_replies_in_both_formats(tmp_path):
         {"role": "user", "content": "Colour?"},
         {"role": "assistant", "content": [{"type": "text", "text": "Red."}]}]}
     (tmp_path / "data.jsonl").write_text(json.dumps(llava) + "\n" + json.dumps(chat) + "\n")
-    tokenizer = data.tiny_tokenizer()
+    tokenizer = processor.tiny_tokenizer()
     pads = "<|image_pad|>" * 64  # 64x64 is resized to 256x256: 8x8 merged tokens
     prompt = (f"<|im_start|>user\n<|vision_start|>{pads}<|vision_end|>What is it?<|im_end|>\n"
               "<|im_start|>assistant\n\n<|im_start|>user\nColour?<|im_end|>\n"
               "<|im_start|>assistant\n\n")
-    for sample in data.read_jsonl(tmp_path / "data.jsonl"):
-        input_ids, _, _, mask = load_qwen.encode_chat_for_training(tokenizer, sample[0])
+    for sample in data.read_jsonl(tmp_path / "data.jsonl", READ):
+        input_ids, _, _, mask = processor.encode_chat_for_training(tokenizer, sample[0])
         decode = lambda ids: tokenizer.decode(ids.tolist(), skip_special_tokens=False)
         assert decode(input_ids[mask]) == "A square.<|im_end|>Red.<|im_end|>"
         assert decode(input_ids[~mask]) == prompt
@@ -122,7 +135,7 @@ def test_data_errors_name_file_and_line(tmp_path):
     for message, record in cases.items():
         (tmp_path / "d.jsonl").write_text("\n" + json.dumps(record) + "\n")  # line 1 is empty
         with pytest.raises(ValueError) as error:
-            data.read_jsonl(tmp_path / "d.jsonl")
+            data.read_jsonl(tmp_path / "d.jsonl", READ)
         assert str(error.value) == f"{tmp_path / 'd.jsonl'}:2: {message}"
 
 
@@ -139,10 +152,10 @@ def test_an_accumulated_step_takes_the_mean_over_all_reply_tokens(tmp_path, monk
         grads.append([p.grad.clone() for p in params]), clip(params, max_norm))[1])
     train.main(args)
 
-    model, tokenizer = train.build_model(args, None, "cpu", torch.float32), data.tiny_tokenizer()
+    model, tokenizer = built(args), processor.tiny_tokenizer()
     losses = []  # per token, of both samples
-    for sample in data.read_jsonl(path):
-        input_ids, pixel_values, grid, mask = load_qwen.encode_chat_for_training(tokenizer,
+    for sample in data.read_jsonl(path, READ):
+        input_ids, pixel_values, grid, mask = processor.encode_chat_for_training(tokenizer,
                                                                                  sample[0])
         logits = model.train()(input_ids, pixel_values, grid)  # (1, T, V)
         predicts = mask[:, 1:]  # position t predicts token t + 1
@@ -208,13 +221,13 @@ def test_resume_after_a_crash_gives_the_same_weights(tmp_path, monkeypatch):
 def tiny_base(tmp_path_factory):
     """The tiny model with its gates opened (as after some training), and one built-in sample."""
     args = tiny_args(tmp_path_factory.mktemp("tiny"))
-    model, tokenizer = train.build_model(args, None, "cpu", torch.float32), data.tiny_tokenizer()
+    model, tokenizer = built(args), processor.tiny_tokenizer()
     with torch.no_grad():
         for i in model.config.pvm_layers:
             model.layers[i].pvm_block.gate_alpha.fill_(0.5)
     held_out, samples, _ = data.load_data(None, tokenizer, args.max_len, args.seed,
                                           args.eval_samples, args.synthetic_samples)
-    return model, load_qwen.encode_chat_for_training(tokenizer, samples[0][0])
+    return model, processor.encode_chat_for_training(tokenizer, samples[0][0])
 
 
 @pytest.fixture
@@ -263,15 +276,15 @@ def test_an_official_layout_checkpoint_trains_and_its_pvm_file_loads(tiny_tied, 
                                                                      monkeypatch):
     # the 4b path on a 4-layer model
     small = {"checkpoint": str(tiny_tied), "pvm_layers": (1, 3), "pvm_dim": 64}
-    monkeypatch.setitem(train.SIZES, "4b", train.SIZES["4b"] | small)
+    monkeypatch.setitem(common.SIZES, "4b", common.SIZES["4b"] | small)
     args = train.parse_args(["--size", "4b", "--synthetic-samples", "20", "--batch-size", "2",
                              "--max-steps", "2", "--eval-every", "0", "--out", str(tmp_path)])
     assert args.lr == 1e-4 and args.batch_size == 2
     model = train.main(args)
     assert model.gradient_checkpointing  # on by default for the released sizes
-    loaded = load_qwen.load_model(tiny_tied, pvm_file=tmp_path / "pvm.safetensors")
-    trained = train.pvm_state_dict(model)
-    assert all(torch.equal(t, trained[name]) for name, t in train.pvm_state_dict(loaded).items())
+    loaded = pvm.load_pvm(load_qwen.load_model(tiny_tied), tmp_path / "pvm.safetensors")
+    trained = pvm.pvm_state_dict(model)
+    assert all(torch.equal(t, trained[name]) for name, t in pvm.pvm_state_dict(loaded).items())
     assert trained["model.language_model.layers.1.pvm_block.gate_alpha"].item() != 0
     assert not (tmp_path / "backbone").exists()  # only the tiny random backbone is written out
 
@@ -280,9 +293,9 @@ def test_the_tiny_run_writes_a_backbone_that_generate_reads(tmp_path):
     out = tmp_path / "out"
     model = train.main(tiny_args(out, "--max-steps", "2"))
     assert model.layers[1].pvm_block.gate_alpha.item() != 0
-    loaded = load_qwen.load_model(out / "backbone", pvm_file=out / "pvm.safetensors")
+    loaded = pvm.load_pvm(load_qwen.load_model(out / "backbone"), out / "pvm.safetensors")
     sample = data.synthetic_sample(random.Random(7))
-    batch = load_qwen.encode_chat_for_training(data.tiny_tokenizer(), sample)[:3]
+    batch = processor.encode_chat_for_training(processor.tiny_tokenizer(), sample)[:3]
     with torch.no_grad():
         assert torch.equal(loaded(*batch), model(*batch))
     Image.new("RGB", (48, 40), "blue").save(tmp_path / "blue.png")

@@ -55,13 +55,13 @@ def test_bad_input_gives_one_line_and_exit_status_2(tmp_path):
     cases = {  # data file lines -> the message
         "malformed": ([line, "{not json"], "malformed.jsonl:2: not valid JSON"),
         "missing": ([line.replace("ok.png", "gone.png")],
-                    f"image not found: {tmp_path / 'gone.png'}"),
+                    f"cannot read image {tmp_path / 'gone.png'}"),
         "unreadable": ([line.replace("ok.png", "garbage.png")],
                        f"cannot read image {tmp_path / 'garbage.png'}"),
         "truncated": ([line.replace("ok.png", "cut.png")],
                       f"cannot read image {tmp_path / 'cut.png'}"),
         "no_reply": ([no_reply], "no_reply.jsonl:1: no assistant turn"),
-        "empty": ([], "no training samples in"),
+        "empty": ([], "empty.jsonl holds no samples"),
     }
     runs = {}
     for name, (lines, _) in cases.items():
@@ -75,7 +75,7 @@ def test_bad_input_gives_one_line_and_exit_status_2(tmp_path):
     runs["resume"] = [*done, "--lr", "0.5", "--resume"]
     runs["overwrite"] = done
     cases["resume"] = ([], "comes from another configuration")
-    cases["overwrite"] = ([], "already holds a checkpoint")
+    cases["overwrite"] = ([], "holds an earlier run (state.pt, log.jsonl): pass --resume")
     command = [sys.executable, "train.py", "--size", "tiny", "--batch-size", "2"]
     processes = {name: subprocess.Popen([*command, *argv], cwd=REPO, env=ENV, text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -1,6 +1,6 @@
 """train.py when something goes wrong: options refused before any work; data that fails only
 mid-run (an image whose body is cut: skipped, named once, counted, and the resumed run still
-exact; or, with --strict-data, a checkpoint and a stop); data errors that name file and line; a
+exact); data errors that name file and line; a
 non-finite gradient; Ctrl-C; a full disk; a state.pt that does not fit. Each ends in one error:
 line and exit status 2 (130 for Ctrl-C), never a traceback, and loses no finished step."""
 import errno
@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import processor
+import common
 import data
 import pvm
 import train
@@ -28,6 +30,7 @@ from test_train import write_replies
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 REPO = Path(__file__).resolve().parent.parent
+PREFIX = "model.language_model."  # pvm.safetensors' names; state.pt holds the model's own
 TINY = ["--size", "tiny", "--synthetic-samples", "40", "--batch-size", "2", "--eval-every", "0"]
 
 
@@ -52,18 +55,17 @@ BAD_OPTIONS = {  # options -> the error line
     ("--grad-clip", "-1"): "--grad-clip must be positive, got -1.0",  # gradient ascent
     ("--grad-clip", "nan"): "--grad-clip must be positive, got nan",  # NaN weights
     ("--lr", "-0.01"): "--lr must be positive, got -0.01",
-    ("--eval-samples", "-1"): "--eval-samples must be >= 0, got -1",  # would train on 1 sample
-    ("--warmup", "nan"): "--warmup is a share of the steps, from 0 to 1; got nan",
-    ("--device", "mps"): "--device mps, but this torch sees no mps device",
+    ("--eval-samples", "-1"): "--eval-samples must be a number >= 0, got -1",  # 1 sample left
+    ("--warmup", "nan"): "--warmup must be a share of the steps, from 0 to 1, got nan",
+    ("--device", "cuda:7"): "--device cuda:7: ",  # torch's own words follow
 }
 
 
 @pytest.mark.parametrize("option", BAD_OPTIONS, ids=" ".join)
 def test_options_are_refused_before_any_work(option, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)  # a machine without it
     status, line = run([*TINY, *option, "--out", str(tmp_path / "out")], capsys)
     assert status == 2
-    assert line == f"error: {BAD_OPTIONS[option]}"
+    assert line.startswith(f"error: {BAD_OPTIONS[option]}")
     assert not (tmp_path / "out").exists()
 
 
@@ -86,7 +88,7 @@ def test_data_errors_found_at_start_up_name_file_and_line(tmp_path, capsys):
     cases = {  # the second line of the data file -> what the error says besides FILE:2
         "special token": (line.replace(b"Colour?", b"Colour?<|image_pad|>"),
                           ": the text holds <|image_pad|>, a special token of the chat format"),
-        "not utf-8": (line.replace(b"Red.", b"R\xe9d."), ": not UTF-8 text (byte "),
+        "not utf-8": (line.replace(b"Red.", b"R\xe9d."), ": 'utf-8' codec can't decode byte 0xe9"),
         "bomb": (line.replace(b"ok.png", b"bomb.png"),
                  f"cannot read image {tmp_path}/bomb.png ({tmp_path}/bomb.jsonl:2): Image size "
                  "(400000000 pixels) exceeds limit"),
@@ -107,7 +109,7 @@ def data_with_a_cut_jpeg(directory):
     with a JPEG whose header is whole and whose body is cut: start-up reads only headers, so
     the run meets it mid-way. Returns the file, the sample's file:line and the JPEG."""
     path = write_replies(directory, 8)
-    tokenizer = data.tiny_tokenizer()
+    tokenizer = processor.tiny_tokenizer()
     _, order, _ = data.load_data(str(path), tokenizer, 4096, 0, 64, 0)
     where = order[4][1]
     number = int(where.rsplit(":", 1)[1])
@@ -150,22 +152,6 @@ def test_an_image_that_fails_mid_run_is_skipped_named_once_counted_and_resumes_e
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
-def test_strict_data_saves_the_finished_steps_and_stops_at_the_sample(tmp_path, capsys):
-    path, where, jpeg = data_with_a_cut_jpeg(tmp_path)
-    out = tmp_path / "out"
-    argv = ["--size", "tiny", "--data", str(path), "--batch-size", "2", "--max-steps", "4",
-            "--eval-every", "0", "--strict-data", "--out", str(out)]
-    status, line = run(argv, capsys)
-    assert status == 2
-    assert line.startswith(f"error: {where}: cannot read image {jpeg}: image file is truncated")
-    assert line.endswith(f"(--strict-data); step 2 is saved in {out}, --resume continues")
-    assert torch.load(out / "state.pt", weights_only=True)["step"] == 2
-    assert steps_logged(out) == [1, 2]
-    Image.new("RGB", (64, 64), "green").save(jpeg)  # the image mended, the run continues
-    assert train.cli([*argv, "--resume"]) == 0
-    assert steps_logged(out) == [1, 2, 3, 4]
-
-
 def test_a_non_finite_gradient_stops_before_it_is_applied_or_saved(tmp_path, capsys,
                                                                    monkeypatch):
     forward, calls = train.AssistantLoss.forward, itertools.count(1)
@@ -183,14 +169,15 @@ def test_a_non_finite_gradient_stops_before_it_is_applied_or_saved(tmp_path, cap
     assert state["step"] == 2
     assert steps_logged(out) == [1, 2]
     weights = load_file(out / "pvm.safetensors")  # step 2's, as state.pt's
-    assert all(torch.equal(weights[name], state["pvm"][name]) for name in weights)
+    assert all(torch.equal(weights[name], state["weights"][name.removeprefix(PREFIX)])
+               for name in weights)
     assert all(tensor.isfinite().all() for tensor in weights.values())
 
 
 @pytest.mark.parametrize("target", ["state.pt", "pvm.safetensors"])
 def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(target, tmp_path, capsys,
                                                                       monkeypatch):
-    module, name = {"state.pt": (torch, "save"), "pvm.safetensors": (pvm, "save_file")}[target]
+    module, name = {"state.pt": (torch, "save"), "pvm.safetensors": (common, "save_file")}[target]
     write, calls = getattr(module, name), itertools.count(1)
 
     def full_at_the_second_save(tensors, path, *rest, **options):
@@ -208,7 +195,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(target, tm
     state = torch.load(out / "state.pt", weights_only=True)
     assert state["step"] == 2
     weights = load_file(out / "pvm.safetensors")  # whole: step 2's, or step 4's before state.pt
-    assert weights.keys() == state["pvm"].keys()
+    assert weights.keys() == {PREFIX + name for name in state["weights"]}
 
 
 def test_resume_refuses_a_changed_grad_clip_and_a_state_that_does_not_fit(tmp_path, capsys):
@@ -219,16 +206,17 @@ def test_resume_refuses_a_changed_grad_clip_and_a_state_that_does_not_fit(tmp_pa
     assert status == 2
     assert line.endswith("comes from another configuration: grad_clip 1.0 there, 0.5 here")
     state = torch.load(out / "state.pt", weights_only=True)
-    name = "model.language_model.layers.1.pvm_block.text_reducer.weight"
-    state["pvm"][name] = torch.zeros(64, 65)  # hand-edited, or from another program
+    name = "layers.1.pvm_block.text_reducer.weight"
+    state["weights"][name] = torch.zeros(64, 65)  # hand-edited, or from another program
     torch.save(state, out / "state.pt")
     status, line = run([*argv, "--resume"], capsys)
     assert status == 2
-    assert line == f"error: --resume: {out}/state.pt: {name} is (64, 65), the model's is (64, 64)"
+    assert line.startswith(f"error: --resume: {out}/state.pt does not fit this run: ")
+    assert f"size mismatch for {name}" in line
     torch.save([1, 2, 3], out / "state.pt")
     status, line = run([*argv, "--resume"], capsys)
     assert status == 2
-    assert line.startswith(f"error: --resume: {out}/state.pt is not a checkpoint of train.py")
+    assert line.startswith(f"error: --resume: {out}/state.pt does not fit this run")
 
 
 def test_ctrl_c_saves_the_finished_steps_exactly(tmp_path, monkeypatch):
@@ -253,16 +241,17 @@ def test_ctrl_c_saves_the_finished_steps_exactly(tmp_path, monkeypatch):
 
     class Stop(Exception):
         pass
-    save = train.save_checkpoint
+    save = common.save_checkpoint
 
     def save_and_stop(*args):
         save(*args)
         raise Stop()
-    monkeypatch.setattr(train, "save_checkpoint", save_and_stop)
+    monkeypatch.setattr(common, "save_checkpoint", save_and_stop)
     straight = tmp_path / "straight"
     with pytest.raises(Stop):
         train.main(train.parse_args([*argv, "--save-every", str(step), "--out", str(straight)]))
     straight = torch.load(straight / "state.pt", weights_only=True)
     assert straight["step"] == step
     assert straight["run"] == state["run"]
-    assert all(torch.equal(straight["pvm"][name], state["pvm"][name]) for name in state["pvm"])
+    assert all(torch.equal(straight["weights"][name], state["weights"][name])
+               for name in state["weights"])
