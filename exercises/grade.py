@@ -15,9 +15,12 @@ others are graded. The exit status is 0 whatever the grade (this is a report); 2
 could not be run at all.
 """
 import argparse
+import importlib
 import json
+import math
+import multiprocessing
+import os
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,8 +30,10 @@ from course import BY_NUMBER, EXERCISES  # noqa: E402  (the path above)
 
 ROOT = Path(__file__).resolve().parent.parent
 BLANK = re.compile(r"NotImplementedError: exercise (\d+):")
-TIMEOUT = 60  # seconds for one exercise's tests, starting Python and importing torch included
+TIMEOUT = 60  # seconds for one exercise's tests
 NOT_RUN = (2, 3, 4)  # pytest's exit status when interrupted, after an internal or a usage error
+# what every exercise's tests import, in seconds: imported once, before the processes are forked
+SHARED = ("torch", "pytest", "transformers.models.qwen3_vl.modeling_qwen3_vl")
 
 
 class Recorder:
@@ -92,15 +97,14 @@ def verdict(exercise, tests, broken, fault=None):
 
 
 def run_tests(args, out):
-    """The process of one exercise's tests (`grade.py --child OUT ARGS...`): pytest with `args`,
-    then the records as JSON to `out`. Never written when pytest does not return."""
+    """In the process of one exercise's tests: pytest with `args`, then the records as JSON to
+    `out`, which stays unwritten when pytest does not return."""
     import pytest
 
     recorder = Recorder()
     code = pytest.main(args, plugins=[recorder])
     Path(out).write_text(json.dumps({"code": int(code), "tests": recorder.tests,
                                      "broken": recorder.broken}))
-    return 0
 
 
 def run_exercise(exercise, root, pytest_args, timeout, recorder):
@@ -108,17 +112,24 @@ def run_exercise(exercise, root, pytest_args, timeout, recorder):
     records join `recorder`'s -> (pytest's exit status, None) or (None, why no records came)."""
     args = ["-q", "-p", "no:cacheprovider", "--rootdir", str(root),
             "--continue-on-collection-errors", "--tb=no", "-rN", "--disable-warnings",
+            # pytest's plugins that SHARED imported (anyio) are not rewritten: nothing to say
+            "-W", "ignore::pytest.PytestAssertRewriteWarning",
             *pytest_args, str(root / "exercises" / "tests" / exercise.tests)]
+    # a fork starts at once with what this process imported (elsewhere: a new Python)
+    start = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
     with tempfile.TemporaryDirectory(prefix="grade-") as folder:
         out = Path(folder) / "records.json"
-        # the grade.py of `root`: its exercises/ is the first place imports look, as for a student
-        command = [sys.executable, str(root / "exercises" / "grade.py"), "--child", str(out), *args]
-        try:
-            status = subprocess.run(command, cwd=root, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:  # the process is killed by then
+        # daemon: ended with grade.py (Ctrl-C), never outliving it
+        process = start.Process(target=run_tests, args=(args, out), daemon=True)
+        process.start()
+        process.join(timeout)
+        if process.is_alive():  # a loop that does not end, most likely
+            process.kill()
+            process.join()
             return None, f"its tests did not end within {timeout:g} s: stopped there"
         if not out.exists():  # os._exit, a crash or a signal in the code under test
-            return None, f"its tests' process ended before their report (exit status {status})"
+            return None, (f"its tests' process ended before their report "
+                          f"(exit status {process.exitcode})")
         records = json.loads(out.read_text())
     recorder.tests.update(records["tests"])
     recorder.broken.update(records["broken"])
@@ -129,6 +140,11 @@ def grade(numbers, root=ROOT, pytest_args=(), recorder=None, timeout=TIMEOUT):
     """Run the tests of the exercises `numbers`, each in a process of its own for at most
     `timeout` seconds, print the report; the exit status."""
     recorder = recorder or Recorder()
+    for name in SHARED:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # the tests will say what is missing
+            pass
     codes, faults = [], {}
     for number in numbers:
         print(f"exercise {number}: {BY_NUMBER[number].tests}", flush=True)
@@ -162,13 +178,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Grade the exercises of the student copy.")
     parser.add_argument("--only", type=int, nargs="+", metavar="N", help="these exercises only")
     parser.add_argument("--timeout", type=float, default=TIMEOUT, metavar="SECONDS",
-                        help=f"the most that one exercise's tests may take, starting Python "
-                             f"included (default {TIMEOUT}); then it fails")
+                        help=f"the most that one exercise's tests may take (default {TIMEOUT}); "
+                             f"then it fails")
     args = parser.parse_args(argv)
     numbers = args.only or [exercise.number for exercise in EXERCISES]
     if unknown := [n for n in numbers if n not in BY_NUMBER]:
         parser.error(f"no exercise {unknown}; there are {sorted(BY_NUMBER)}")
-    if not args.timeout > 0:  # NaN too
+    if not 0 < args.timeout < math.inf:  # NaN fails every comparison
         parser.error(f"--timeout must be a number of seconds > 0, got {args.timeout}")
     try:
         return grade(numbers, timeout=args.timeout)
@@ -178,6 +194,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--child"]:  # one exercise's tests, run by grade() above
-        sys.exit(run_tests(sys.argv[3:], sys.argv[2]))
     sys.exit(main())

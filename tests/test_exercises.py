@@ -171,7 +171,7 @@ def test_grade_fails_an_exercise_whose_tests_never_end_or_never_report(tmp_path)
 
 
 def test_grade_refuses_a_time_limit_that_is_no_number_of_seconds(capsys):
-    for seconds in ["0", "-1", "nan"]:
+    for seconds in ["0", "-1", "nan", "inf"]:
         with pytest.raises(SystemExit) as stop:
             grade.main(["--timeout", seconds])
         assert stop.value.code == 2
