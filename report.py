@@ -9,6 +9,7 @@ benchmark by `eval.py --analysis`.
     convergence_layer  the first layer from which the lens keeps the chosen token on top
     check_report       refuses a --report that could not be written, before the model loads
     report_figure      draws one answer's numbers; write_report saves the figure and the JSON
+                       (FILE.png and FILE.json: new files only, never over an existing one)
     analysis_record    one answer's numbers in short; analysis_buckets pools many by position,
                        analysis_figure draws them
 
@@ -17,6 +18,8 @@ The paper's two claims beyond accuracy: PVM resists the length-induced decay of 
 token settle in earlier layers (prediction convergence, read with the logit lens).
 """
 import json
+import os
+import tempfile
 from functools import partial
 from math import nan
 from pathlib import Path
@@ -138,7 +141,9 @@ def convergence_layer(top1, chosen):
 
 
 def check_report(path, compile):
-    """Refuse a --report that could not be written before the model loads, not after the answer."""
+    """Refuse a --report that could not be written before the model loads, not after the answer.
+    A report writes only new files: FILE.json may be a checkpoint's config.json or tokenizer.json,
+    FILE.png a photo, and an earlier report is the user's too."""
     try:
         from matplotlib.backend_bases import FigureCanvasBase  # optional: only the report needs it
     except ImportError:
@@ -147,6 +152,13 @@ def check_report(path, compile):
         raise ValueError(f"--report {path}: needs a figure suffix such as .png")
     if not Path(path).parent.is_dir():
         raise ValueError(f"--report {path}: needs an existing directory")
+    for file in (Path(path), Path(path).with_suffix(".json")):
+        if os.path.lexists(file):  # a dangling symlink too: writing would follow it
+            raise ValueError(f"--report {path}: {file} exists, and a report writes only new files")
+    try:  # a folder closed by its permissions or a read-only disk: said now, not after the answer
+        tempfile.TemporaryFile(dir=Path(path).parent).close()
+    except OSError as e:
+        raise ValueError(f"--report {path}: cannot write in its folder: {e.strerror}") from None
     if compile:  # compiled code does not call the hooks
         raise ValueError("--report and --compile do not go together: "
                          "the report's hooks must run in Python at every step")
@@ -185,8 +197,16 @@ def plot_shares(ax, x, shares, dilution):
     for name, share in shares.items():
         ax.plot(x, share, label=name)
     ax.plot(x, dilution, "k--", label="1 / length, from the first token")
-    ax.set(ylabel="attention share on the image", xscale="log")
+    ax.set(ylabel="attention share on the image")
     ax.legend()
+
+
+def position_axis(ax):
+    """The generated position on a log scale, ticked at 1, 2, 4, 8, ... in plain numbers (base 2
+    has no minor ticks; base 10 labels them 2x10^0, 3x10^0). Shared axes follow."""
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter("{x:g}")
+    ax.set_xlabel("generated position (log scale)")
 
 
 def plot_convergence(ax, x, mean, pvm_layers, layers):
@@ -220,7 +240,7 @@ def report_figure(numbers):
     else:  # every share is 0: say why rather than draw flat lines
         top.text(0.5, 0.5, "no image in the prompt", transform=top.transAxes,
                  ha="center", va="center")
-        top.set(ylabel="attention share on the image", xscale="log",
+        top.set(ylabel="attention share on the image",
                 title=f"no image in the prompt of {numbers['prompt_tokens']} tokens")
     top.set_ylim(0, None)  # once the lines are drawn: the top then fits them
     if len(pvm):
@@ -238,13 +258,13 @@ def report_figure(numbers):
     if never:
         title += f"\n(no layer for {never} of {len(x)}: sampled below the last layer's top-1)"
     axes[-1].set_title(title)
-    axes[-1].set_xlabel("generated position (log scale)")
-    axes[-1].xaxis.set_major_formatter("{x:g}")  # 1, 10, 100 rather than 10^0, 10^1, 10^2
+    position_axis(axes[-1])
     return fig
 
 
 def write_report(numbers, path):
-    """The numbers to FILE.json, their figure to FILE (its suffix says the format)."""
+    """The numbers to FILE.json, their figure to FILE (its suffix says the format): new files, as
+    check_report made sure before the model loaded."""
     Path(path).with_suffix(".json").write_text(json.dumps(numbers) + "\n")
     report_figure(numbers).savefig(path, dpi=120)
 
@@ -309,7 +329,6 @@ def analysis_figure(analysis):
             bottom.annotate(b["tokens"], (x_b, y_b), xytext=(0, 6), textcoords="offset points",
                             ha="center", fontsize=8)
         bottom.set_title("numbers: the tokens in each bucket")
-        bottom.set_xlabel("generated position (log scale)")
-        bottom.xaxis.set_major_formatter("{x:g}")
+        position_axis(bottom)
     axes[0, 0].set_ylim(0, None)  # once every column is drawn: the row's range fits them all
     return fig

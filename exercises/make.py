@@ -15,6 +15,7 @@ and the project test that runs them stay out of the copy.
 import argparse
 import ast
 import io
+import os
 import shutil
 import sys
 import textwrap
@@ -153,11 +154,17 @@ def function_source(qualname, root=ROOT):
 
 
 def make_copy(out, blank=(), replace=None, root=ROOT):
-    """Write the copy to `out` (absent or empty): the functions of the exercises numbered in
-    `blank` blanked, each function named in `replace` ({qualname: source}) replaced."""
+    """Write the copy to `out` (absent or empty, in an existing directory outside the project):
+    the functions of the exercises numbered in `blank` blanked, each function named in `replace`
+    ({qualname: source}) replaced."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.resolve().is_relative_to(root.resolve()):  # the project's tests would collect it
+        raise ValueError(f"{out} is inside the project ({root}): write the copy outside it")
+    if not out.parent.is_dir():  # a file, a dangling symlink, nothing
+        raise ValueError(f"{out}: {out.parent} is not an existing directory")
+    if os.path.lexists(out) and not (out.is_dir() and not any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty directory")
+    out.mkdir(exist_ok=True)  # before any work: a folder closed to writing fails here
     edits = defaultdict(list)  # file -> edits
     for number in blank:
         exercise = BY_NUMBER[number]
@@ -190,10 +197,19 @@ def main(argv=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # permissions, a full disk: what the system says, with the path
+        print(f"error: cannot write the copy to {args.out}: {e.strerror or e} "
+              f"({e.filename})", file=sys.stderr)
+        return 2
     functions = sum(len(BY_NUMBER[n].functions) for n in numbers)
-    print(f"wrote the student copy to {args.out}: exercises {', '.join(map(str, numbers))} "
-          f"blank ({functions} functions)\n"
-          f"next: cd {args.out} && python exercises/grade.py")
+    try:
+        print(f"wrote the student copy to {args.out}: exercises {', '.join(map(str, numbers))} "
+              f"blank ({functions} functions)\n"
+              f"next: cd {args.out} && python exercises/grade.py", flush=True)
+    except BrokenPipeError:  # `| head -1`: the reader wanted no more; the copy is written
+        # stdout to /dev/null, so that the flush at exit cannot fail on the closed pipe again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a process that SIGPIPE ends
     return 0
 
 

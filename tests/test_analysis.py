@@ -1,6 +1,6 @@
 """eval.py --analysis: the pooling of answers by position on hand-made records, the tiny model end
 to end (the files, the same replies as without it, nothing hooked without it), the base and the
-PVM model side by side, and the options it refuses."""
+PVM model side by side, the figure's plain position ticks, and the options it refuses."""
 import json
 import sys
 
@@ -10,6 +10,7 @@ import torch
 import eval as ev
 import report
 from test_eval import write_pvm
+from test_report import plain_ticks
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -123,21 +124,33 @@ def test_base_and_pvm_side_by_side(tmp_path):
     assert marks == [[], ["PVM at layer 1", "PVM at layer 3"]]
 
 
-def test_figure_fits_both_models_shares():
-    """The PVM model's shares are ten times the base's: the row's y range holds both columns."""
+def two_models(base_share, pvm_share):
+    """eval.py --analysis's numbers of a base and a PVM model: two buckets, positions 1 and 2-3."""
     def result(share):
         bucket = {"mean_position": 1.0, "tokens": 1, "image_share": dict.fromkeys(GROUPS, share),
                   "dilution": share, "convergence_layer": 2.0}
         buckets = [bucket, {**bucket, "mean_position": 2.5}]
         return {"answers": 1, "with_image": 1, "buckets": buckets}
-    analysis = {"layers": 3, "pvm_layers": [1], "groups": dict(zip(GROUPS, [[0], [1], [2]])),
-                "models": {"base": result(0.05), "pvm": result(0.5)}}
-    share_base, share_pvm, _, _ = report.analysis_figure(analysis).axes
+    return {"layers": 3, "pvm_layers": [1], "groups": dict(zip(GROUPS, [[0], [1], [2]])),
+            "models": {"base": result(base_share), "pvm": result(pvm_share)}}
+
+
+def test_figure_fits_both_models_shares():
+    """The PVM model's shares are ten times the base's: the row's y range holds both columns."""
+    share_base, share_pvm, _, _ = report.analysis_figure(two_models(0.05, 0.5)).axes
     for axes in (share_base, share_pvm):
         bottom, top = axes.get_ylim()
         assert bottom == 0
         for line in share_base.get_lines() + share_pvm.get_lines():
             assert max(line.get_ydata()) <= top
+
+
+def test_figure_positions_read_as_plain_numbers():
+    """Mean positions 1 and 2.5 on a log scale: ticked 1 and 2, not 10^0 and 2x10^0."""
+    *shares, lens_base, lens_pvm = report.analysis_figure(two_models(0.05, 0.5)).axes
+    assert [axes.get_xscale() for axes in shares] == ["log", "log"]
+    for axes in (lens_base, lens_pvm):  # the bottom row: the labelled axes
+        assert [label for label in plain_ticks(axes) if label] == ["1", "2"]
 
 
 REFUSED = {

@@ -1,10 +1,11 @@
 """report.py, behind generate.py --report: the recorded attention shares equal transformers'
 attention weights and the logit lens its hidden states, recording changes no token and without
 --report nothing is hooked, the PVM ratio is non-zero exactly where PVM writes, a report that
-cannot be written is refused before the model loads, the convergence layer and the position
-buckets on hand-made numbers, and the figure shows every PVM layer and says when the prompt holds
-no image."""
+cannot be written is refused before the model loads and a report writes over no file, the
+convergence layer and the position buckets on hand-made numbers, and the figure shows every PVM
+layer, says when the prompt holds no image and reads its positions in plain numbers."""
 import json
+import os
 import sys
 from functools import partial
 from math import nan
@@ -179,10 +180,12 @@ REFUSED = {
 }
 
 
+def no_loading(*args):
+    raise AssertionError("the model was looked up before the report was checked")
+
+
 @pytest.mark.parametrize("case", REFUSED)
 def test_unwritable_report_refused_before_loading(case, tmp_path, capsys, monkeypatch):
-    def no_loading(*args):
-        raise AssertionError("the model was looked up before the report was checked")
     monkeypatch.setattr(generate, "resolve_checkpoint", no_loading)
     if case == "no matplotlib":
         monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
@@ -196,6 +199,46 @@ def test_unwritable_report_refused_before_loading(case, tmp_path, capsys, monkey
     assert message in err
     if case == "no matplotlib":
         assert err == f"error: {message}\n"
+
+
+def test_report_writes_over_no_file(tmp_path, capsys, monkeypatch):
+    """--report DIR/config.png would put its numbers in DIR/config.json, the checkpoint's config;
+    --report cat.jpg would replace the photo; a second report under one name the first; a
+    dangling symlink would be followed. Each is refused before loading, and nothing is touched."""
+    monkeypatch.setattr(generate, "resolve_checkpoint", no_loading)
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3_vl"}\n')
+    (tmp_path / "cat.jpg").write_bytes(CAT.read_bytes())
+    (tmp_path / "earlier.json").write_text("{}\n")  # an earlier report's numbers, its figure gone
+    (tmp_path / "link.png").symlink_to(tmp_path / "nowhere.png")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.exists()}
+    for figure, existing in [("config.png", "config.json"), ("cat.jpg", "cat.jpg"),
+                             ("earlier.svg", "earlier.json"), ("link.png", "link.png")]:
+        args = ["--image", str(CAT), "--report", str(tmp_path / figure)]
+        assert generate.cli(args) == 2
+        assert capsys.readouterr() == ("", f"error: --report {tmp_path / figure}: "
+                                           f"{tmp_path / existing} exists, and a report writes "
+                                           f"only new files\n")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.exists()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "link.png"])
+
+
+def unwritable_folder(tmp_path):
+    """A folder this process cannot create files in: its permissions say so, or, for root, whom
+    permissions do not stop, /proc (Linux), where nobody creates files."""
+    folder = tmp_path / "locked"
+    folder.mkdir(mode=0o555)
+    return folder if not os.access(folder, os.W_OK) else Path("/proc")
+
+
+def test_report_in_a_folder_closed_to_writing_refused_before_loading(tmp_path, capsys,
+                                                                      monkeypatch):
+    monkeypatch.setattr(generate, "resolve_checkpoint", no_loading)
+    figure = unwritable_folder(tmp_path) / "report.png"
+    assert generate.cli(["--image", str(CAT), "--report", str(figure)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"error: --report {figure}: cannot write in its folder: ")
+    assert err.count("\n") == 1
 
 
 CONVERGENCE = [3, 2, None, 1, 1]  # 5 tokens: position buckets 1, 2-3, 4-5
@@ -271,3 +314,19 @@ def test_figure_says_when_the_prompt_has_no_image(tmp_path):
     assert "no image in the prompt" in share_panel.get_title()
     report.write_report(numbers(0), tmp_path / "report.png")  # and it still saves
     assert (tmp_path / "report.png").read_bytes().startswith(b"\x89PNG")
+
+
+def plain_ticks(axes):
+    """The labels of the x axis's ticks inside its limits, minor ones too, once drawn."""
+    axes.figure.draw_without_rendering()
+    low, high = axes.get_xlim()
+    return [tick.get_text() for tick in axes.get_xticklabels() + axes.get_xticklabels(minor=True)
+            if low <= tick.get_position()[0] <= high]
+
+
+def test_positions_read_as_plain_numbers():
+    """Log-scaled positions 1 to 5 within one decade: ticks 1, 2, 4, not 2x10^0 or 10^0."""
+    figure = report.report_figure(numbers(16, [[0.1]] * 5, pvm_layers=[1]))
+    for axes in figure.axes:
+        assert axes.get_xscale() == "log"
+    assert [label for label in plain_ticks(figure.axes[-1]) if label] == ["1", "2", "4"]
