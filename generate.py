@@ -189,8 +189,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step (the rate shown includes compiling)")
     p.add_argument("--report", metavar="FILE.png", help="the image's share of attention and the "
-                   "logit lens at every token and layer to FILE.png, the numbers to FILE.json "
-                   "(needs matplotlib)")
+                   "logit lens at every token and layer to FILE.png, the numbers to FILE.json: "
+                   "new files only, refused when either exists (needs matplotlib)")
     return common.check_options(p.parse_args(argv))
 
 

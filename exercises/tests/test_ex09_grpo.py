@@ -105,7 +105,8 @@ def test_the_objective_follows_the_advantages_row_by_row(pvm_model):
         second = objective(*tensors, torch.tensor([0.0, 2.0, 0.0, 0.0]))
         truncated = objective(*tensors, torch.tensor([0.0, 0.0, 2.0, 0.0]))
         T = ids.size(1)
-        logits = pvm_model(torch.cat([ids, torch.tensor([COMPLETIONS[1]])], dim=1), pixel_values, grid)
+        logits = pvm_model(torch.cat([ids, torch.tensor([COMPLETIONS[1]])], dim=1),
+                           pixel_values, grid)
         logp = logits[0, T - 1:T + 1].float().log_softmax(dim=-1)
         want = 2.0 * logp[torch.arange(2), COMPLETIONS[1]].sum()
     close(second.float(), want, "row 2 alone (advantage 2, tokens 73 and <|im_end|>)", atol=1e-4,
