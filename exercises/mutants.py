@@ -6,6 +6,10 @@ exercise tests must all fail with the exercise's NotImplementedError while every
     python exercises/mutants.py                  # every exercise, two at a time
     python exercises/mutants.py --only 3 7 --jobs 1 --json out.json
 
+A mutant must be caught by its OWN exercise's tests: its check runs that exercise's test file
+alone, and the failing test must be one of that exercise's (a mistake that only a later exercise's
+tests would see is charged to the wrong exercise, and the student loses the trail).
+
 Kept out of the student copy (make.py): each mutant is one edit away from a solution. Each check
 writes a copy with make.py and runs the exercise's tests there, in a process forked from this
 one after torch and transformers are imported (they take seconds to import; a fork, nothing).
@@ -55,6 +59,28 @@ MUTANTS = [
     Mutant(1, "model.RMSNorm.forward", "the weight multiplied before the cast back to x's dtype",
            (("self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)",
              "F.rms_norm(x, x.shape[-1:], self.weight, eps=self.eps)"),)),
+    Mutant(1, "model.RMSNorm.forward", "epsilon outside the square root: x / (rms + eps)",
+           (("F.rms_norm(x, x.shape[-1:], eps=self.eps)",
+             "(x.float() / (x.float().pow(2).mean(-1, keepdim=True).sqrt() + self.eps))"
+             ".to(x.dtype)"),)),
+    Mutant(1, "model.RMSNorm.forward", "normalised in place: the caller's x overwritten",
+           (("self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)",
+             "self.weight * x.copy_(F.rms_norm(x, x.shape[-1:], eps=self.eps))"),)),
+    Mutant(1, "model.RMSNorm.forward", "normalised over the axes from the third on: (B, T, D) only",
+           (("F.rms_norm(x, x.shape[-1:], eps=self.eps)",
+             "F.rms_norm(x, x.shape[2:], eps=self.eps)"),)),
+    Mutant(1, "model.RMSNorm.forward", "the mean of squares in x's dtype, not float32",
+           (("F.rms_norm(x, x.shape[-1:], eps=self.eps)",
+             "x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)"),)),
+    Mutant(1, "model.MLP.forward", "the output viewed as (B, T, D): three axes only",
+           (("return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))",
+             "return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))"
+             ".view(x.shape[0], x.shape[1], -1)"),)),
+    Mutant(1, "model.MLP.forward", "silu(z) as z e^z / (1 + e^z): NaN once e^z overflows",
+           (("F.silu(self.gate_proj(x))",
+             "(lambda z: z * z.exp() / (1 + z.exp()))(self.gate_proj(x))"),)),
+    Mutant(1, "model.MLP.forward", "SiLU taken in float32 and not cast back",
+           (("F.silu(self.gate_proj(x))", "F.silu(self.gate_proj(x).float())"),)),
     # 2: attention
     Mutant(2, "vision.rotate_half", "the quarter turn the other way",
            (("torch.cat([-x2, x1], dim=-1)", "torch.cat([x2, -x1], dim=-1)"),)),
@@ -81,6 +107,15 @@ MUTANTS = [
              "v.repeat(1, g, 1, 1), is_causal=T > 1)"),)),
     Mutant(2, "model.Attention.forward", "the cache's keys ignored",
            (("k, v = cache.update(self.layer_idx, k, v)", "cache.update(self.layer_idx, k, v)"),)),
+    Mutant(2, "vision.apply_rope", "x turned in place: the caller's q and k overwritten",
+           (("return x * cos + rotate_half(x) * sin",
+             "return rotate_half(x) * sin + x.mul_(cos)"),)),
+    Mutant(2, "model.Attention.forward", "the masked softmax in float32, not cast back",
+           (("F.scaled_dot_product_attention(q, k, v, attn_mask=mask)",
+             "((q @ k.transpose(-1, -2) * self.head_dim**-0.5 + mask).float().softmax(-1) "
+             "@ v.float())"),)),
+    Mutant(2, "model.Attention.forward", "the mask ignored for a single new token",
+           (("if mask is None:", "if mask is None or T == 1:"),)),
     # 3: interleaved multimodal RoPE
     Mutant(3, "model.rope_positions", "text after an image resumes after its token count",
            (("p + max(h, w)", "p + h * w"),)),
@@ -97,6 +132,22 @@ MUTANTS = [
              "axis[hd // 2 - s_h - s_w:hd // 2 - s_w] = 1\n        axis[hd // 2 - s_w:] = 2"),)),
     Mutant(3, "model.Qwen3VL.rotary", "exponent j / hd for 2j / hd",
            (("torch.arange(0, hd, 2).float() / hd", "torch.arange(hd // 2).float() / hd"),)),
+    Mutant(3, "model.rope_positions", "the grid merged in place: the caller's grid halved",
+           (("grids = iter(", "if image_grid_thw is not None:\n"
+             "        image_grid_thw[:, 1:] //= MERGE\n    grids = iter("),
+            ("h, w = h // MERGE, w // MERGE", "h, w = h, w"))),
+    Mutant(3, "model.rope_positions", "the next position is the last token's t + 1",
+           (("next_position[b] = pos.max() + 1", "next_position[b] = pos[0, -1] + 1"),)),
+    Mutant(3, "model.Qwen3VL.rotary", "the positions cast to the tables' dtype before the angles",
+           (("angles = position.float() * inv_freq",
+             "angles = position.to(dtype).float() * inv_freq"),)),
+    Mutant(3, "model.rope_positions", "positions in float32, torch.zeros' default",
+           (("positions = torch.zeros(3, B, T, dtype=torch.long)",
+             "positions = torch.zeros(3, B, T)"),
+            ("positions[:, b, real[b]] = pos", "positions[:, b, real[b]] = pos.float()"))),
+    Mutant(3, "model.Qwen3VL.rotary", "the first row's positions for every row",
+           (("position = positions.index_select(0, axis)",
+             "position = positions[:, :1].index_select(0, axis)"),)),
     # 4: image preprocessing
     Mutant(4, "vision.smart_resize", "sides floored, not rounded",
            (("round(height / factor) * factor, round(width / factor) * factor",
@@ -104,6 +155,21 @@ MUTANTS = [
     Mutant(4, "vision.smart_resize", "scaled up to the budget with floor, not ceil",
            (("math.ceil(height * beta / factor)", "math.floor(height * beta / factor)"),
             ("math.ceil(width * beta / factor)", "math.floor(width * beta / factor)"))),
+    Mutant(4, "vision.smart_resize", "an aspect ratio of exactly 200 refused",
+           (("min(height, width) > 200:", "min(height, width) >= 200:"),)),
+    Mutant(4, "vision.smart_resize", "only a wide image's aspect ratio checked",
+           (("if max(height, width) / min(height, width) > 200:", "if width / height > 200:"),)),
+    Mutant(4, "vision.smart_resize", "exactly max_pixels scaled down",
+           (("h_bar * w_bar > max_pixels", "h_bar * w_bar >= max_pixels"),)),
+    Mutant(4, "vision.smart_resize", "exactly min_pixels scaled up",
+           (("h_bar * w_bar < min_pixels", "h_bar * w_bar <= min_pixels"),)),
+    Mutant(4, "vision.smart_resize", "halves rounded up, not to even",
+           (("round(height / factor) * factor, round(width / factor) * factor",
+             "math.floor(height / factor + 0.5) * factor, "
+             "math.floor(width / factor + 0.5) * factor"),)),
+    Mutant(4, "vision.merge_window_order", "rows and columns swapped in the window split",
+           (("x.reshape(h // MERGE, MERGE, w // MERGE, MERGE, *x.shape[2:])",
+             "x.reshape(w // MERGE, MERGE, h // MERGE, MERGE, *x.shape[2:])"),)),
     Mutant(4, "vision.merge_window_order", "no transpose: raster order",
            (("x = x.transpose(1, 2)", "x = x"),)),
     Mutant(4, "vision.preprocess_image", "patches in raster order",
@@ -130,6 +196,18 @@ MUTANTS = [
            (("return x.masked_scatter(is_image[..., None], image_embeds.to(x.dtype))",
              "return x + torch.zeros_like(x).masked_scatter(is_image[..., None], "
              "image_embeds.to(x.dtype))"),)),
+    Mutant(5, "model.place_image", "too many embeddings accepted: only too few refused",
+           (("if int(is_image.sum()) != len(image_embeds):",
+             "if int(is_image.sum()) > len(image_embeds):"),)),
+    Mutant(5, "model.place_image", "the embeddings written into x in place",
+           (("x.masked_scatter(", "x.masked_scatter_("),)),
+    Mutant(5, "model.place_image", "the embeddings not cast to x's dtype",
+           (("image_embeds.to(x.dtype))", "image_embeds)"),)),
+    Mutant(5, "vision.VisionTower.forward", "a video grid (t = 2) not refused",
+           (("if any(t != 1 for t, _, _ in grid_thw.tolist()):",
+             "if any(t < 1 for t, _, _ in grid_thw.tolist()):"),)),
+    Mutant(5, "vision.VisionTower.forward", "the float32 position grid not cast to x's dtype",
+           ((" for h, w in grids]).to(x.dtype)", " for h, w in grids])"),)),
     # 6: the decoding mask and sampling
     Mutant(6, "model.causal_mask", "the future leaks: every real key visible",
            (("(key_slot <= query_slots[:, None]) & key_mask[:, None, :]",
@@ -146,6 +224,27 @@ MUTANTS = [
            (("probs.cumsum(dim=-1) - probs >= top_p", "probs.cumsum(dim=-1) - probs > top_p"),)),
     Mutant(6, "generate.sample", "the rank returned for the token id",
            (("return indices.gather(-1, rank).squeeze(-1)", "return rank.squeeze(-1)"),)),
+    Mutant(6, "generate.sample", "top_k 0 keeps no token",
+           (("if top_k else", "if top_k is not None else"),)),
+    Mutant(6, "generate.sample", "top-p's running mass over the vocabulary, not what top-k kept",
+           (("probs = values.softmax(dim=-1)",
+             "probs = (values - logits.logsumexp(dim=-1, keepdim=True)).exp()"),)),
+    Mutant(6, "generate.sample", "the logits divided in place: the caller's logits changed",
+           (("logits = logits.float() / temperature",
+             "logits = logits.float()\n    logits /= temperature"),)),
+    Mutant(6, "generate.sample", "the logits divided in their own dtype (bfloat16), not float32",
+           (("logits.float() / temperature", "logits / temperature"),)),
+    Mutant(6, "generate.sample", "probabilities by exp / sum: exp overflows for large logits",
+           (("probs = values.softmax(dim=-1)",
+             "probs = values.exp() / values.exp().sum(dim=-1, keepdim=True)"),
+            ("torch.multinomial(values.softmax(dim=-1), 1",
+             "torch.multinomial(values.exp() / values.exp().sum(dim=-1, keepdim=True), 1"))),
+    Mutant(6, "model.causal_mask", "the mask in float32 whatever the dtype asked for",
+           (("mask = torch.zeros(allowed.shape, dtype=dtype,",
+             "mask = torch.zeros(allowed.shape, dtype=torch.float32,"),)),
+    Mutant(6, "generate.sample", "the first row's token ids for every row",
+           (("return indices.gather(-1, rank).squeeze(-1)",
+             "return indices[0, rank.squeeze(-1)]"),)),
     # 7: the PVM block
     Mutant(7, "pvm.PVMBlock.__init__", "the gate initialised like the rest",
            (("nn.Parameter(torch.zeros(1))", "nn.Parameter(torch.randn(1) * 0.02)"),)),
@@ -175,6 +274,25 @@ MUTANTS = [
     Mutant(7, "pvm.PVMBlock.forward", "no norm after the expander",
            (("F.rms_norm(self.output_expander(m), (a.size(-1),), eps=self.eps)",
              "self.output_expander(m)"),)),
+    Mutant(7, "pvm.PVMBlock.__init__", "no floor of one key-value head: 0 heads at d < g * hd",
+           (("n_kv = max(1, (d // hd) // (config.num_heads // config.num_kv_heads))",
+             "n_kv = (d // hd) // (config.num_heads // config.num_kv_heads)"),)),
+    Mutant(7, "pvm.PVMBlock.__init__", "key-value heads rounded up, not down",
+           (("n_kv = max(1, (d // hd) // (config.num_heads // config.num_kv_heads))",
+             "n_kv = max(1, -(-(d // hd) // (config.num_heads // config.num_kv_heads)))"),)),
+    Mutant(7, "pvm.CrossAttention.forward", "scores, mask and softmax in the model's dtype",
+           (("(q @ k.transpose(-1, -2)).float() * self.hd**-0.5",
+             "(q @ k.transpose(-1, -2)) * self.hd**-0.5"),)),
+    Mutant(7, "pvm.CrossAttention.forward", "the float32 weights not cast back to v's dtype",
+           (("scores.softmax(dim=-1).to(v.dtype)", "scores.softmax(dim=-1)"),)),
+    Mutant(7, "pvm.CrossAttention.forward", "padding masked with -inf: NaN without an image",
+           (("torch.finfo(torch.float32).min)", "float('-inf'))"),)),
+    Mutant(7, "pvm.PVMBlock.forward", "the bank's padding zeroed in place",
+           (("self.vision_reducer(bank)",
+             "self.vision_reducer(bank.masked_fill_(~bank_mask[..., None], 0.0))"),)),
+    Mutant(7, "pvm.PVMBlock.forward", "the output norm at F.rms_norm's default epsilon",
+           (("F.rms_norm(self.output_expander(m), (a.size(-1),), eps=self.eps)",
+             "F.rms_norm(self.output_expander(m), (a.size(-1),))"),)),
     # 8: the SFT loss and the schedule
     Mutant(8, "train.AssistantLoss.forward", "no shift: position t scored on token t",
            (("hidden[:, :-1][predicts]", "hidden[:, 1:][predicts]"),)),
@@ -188,6 +306,22 @@ MUTANTS = [
            (("(step - warmup) / max(1, total - warmup)", "step / total"),)),
     Mutant(8, "train.get_lr", "a cosine down to lr / 2",
            (("args.lr * 0.5 * (1 + math.cos(", "args.lr * (0.75 + 0.25 * math.cos("),)),
+    Mutant(8, "train.get_lr", "warmup steps rounded half up, not to even",
+           (("round(args.warmup * total)", "math.floor(args.warmup * total + 0.5)"),)),
+    Mutant(8, "train.get_lr", "warmup steps truncated by int()",
+           (("round(args.warmup * total)", "int(args.warmup * total)"),)),
+    Mutant(8, "train.AssistantLoss.forward", "shifted by roll: the last position predicts token 0",
+           (("predicts = loss_mask[:, 1:]", "predicts = loss_mask.roll(-1, dims=1)"),
+            ("hidden[:, :-1][predicts]", "hidden[predicts]"),
+            ("input_ids[:, 1:][predicts]", "input_ids.roll(-1, dims=1)[predicts]"))),
+    Mutant(8, "train.AssistantLoss.forward", "a mean times the count: NaN without marked tokens",
+           (('reduction="sum")', 'reduction="mean") * predicts.sum()'),)),
+    Mutant(8, "train.AssistantLoss.forward", "-100 labels written into the caller's input_ids",
+           (("predicts = loss_mask[:, 1:]",
+             "input_ids[~loss_mask] = -100  # transformers' labels\n"
+             "    predicts = loss_mask[:, 1:]"),)),
+    Mutant(8, "train.AssistantLoss.forward", "the cross-entropy in the model's dtype",
+           (("F.cross_entropy(logits.float(),", "F.cross_entropy(logits,"),)),
     # 9: GRPO's group advantages and policy objective
     Mutant(9, "grpo.group_advantages", "the mean taken across prompts, not within a group",
            (("grouped.mean(dim=1, keepdim=True)", "grouped.mean(dim=0, keepdim=True)"),)),
@@ -196,6 +330,20 @@ MUTANTS = [
              "grouped.std(dim=1, keepdim=True, correction=0)"),)),
     Mutant(9, "grpo.group_advantages", "no + 1e-4 in the denominator",
            (("keepdim=True) + 1e-4)", "keepdim=True))"),)),
+    Mutant(9, "grpo.group_advantages", "a group all equal where its std is 0",
+           (("equal = (grouped == grouped[:, :1]).all(dim=1)",
+             "equal = grouped.std(dim=1) == 0"),)),
+    Mutant(9, "grpo.group_advantages", "centred in place: the caller's rewards overwritten",
+           (("advantages = grouped - grouped.mean(dim=1, keepdim=True)",
+             "advantages = grouped.sub_(grouped.mean(dim=1, keepdim=True))"),)),
+    Mutant(9, "grpo.group_advantages", "all equal within torch.isclose's tolerance",
+           (("equal = (grouped == grouped[:, :1]).all(dim=1)",
+             "equal = torch.isclose(grouped, grouped[:, :1]).all(dim=1)"),)),
+    Mutant(9, "grpo.PolicyObjective.forward", "log p in the model's dtype",
+           (("-F.cross_entropy(logits.float(),", "-F.cross_entropy(logits,"),)),
+    Mutant(9, "grpo.PolicyObjective.forward", "truncated rows' advantages zeroed in place",
+           (("return (advantages[:, None]",
+             "return (advantages.mul_(predicts.any(dim=1))[:, None]"),)),
     Mutant(9, "grpo.PolicyObjective.forward", "no shift: position t scored on token t",
            (("hidden[:, :-1][predicts]", "hidden[:, 1:][predicts]"),)),
     Mutant(9, "grpo.PolicyObjective.forward", "the mask read at the predicting position",
@@ -221,6 +369,17 @@ MUTANTS = [
              "x = torch.arange(1, len(share) + 1, dtype=torch.float64).log()"),)),
     Mutant(10, "exercises.measure.decay_exponent", "fitted without logarithms",
            (("y = share.log()", "y = share"),)),
+    Mutant(10, "exercises.measure.decay_exponent", "a single share not refused",
+           (("if len(share) < 2 or not (share > 0).all():", "if not (share > 0).all():"),)),
+    Mutant(10, "exercises.measure.decay_exponent", "a share of 0 accepted",
+           (("(share > 0).all()", "(share >= 0).all()"),)),
+    Mutant(10, "exercises.measure.decay_exponent", "two shares refused",
+           (("len(share) < 2", "len(share) <= 2"),)),
+    Mutant(10, "exercises.measure.decay_exponent", "the logarithm taken in place",
+           (("y = share.log()", "y = share.log_()"),)),
+    Mutant(10, "exercises.measure.decay_exponent", "the shares in float32",
+           (("share = torch.as_tensor(share, dtype=torch.float64)",
+             "share = torch.as_tensor(share, dtype=torch.float32)"),)),
 ]
 
 
@@ -302,6 +461,9 @@ def judge(check, result, output):
         name, test = failed[0]
         if test["blank"] is not None:
             return False, f"{name} fails by NotImplementedError, not by the mutant"
+        if test["exercise"] != check.exercise:
+            return False, (f"caught by {name}, a test of exercise {test['exercise']}, not of "
+                           f"exercise {check.exercise}")
         return True, f"caught by {name.split('::')[-1]}: {test['message'][:240]}"
     if result["imports"]:
         return False, f"the blank copy does not import: {result['imports']}"
@@ -341,6 +503,9 @@ def plan(numbers, work):
             checks.append(Check(f"blank from exercise {number}", number, copy, tests, False,
                                 "blank", exact=True))
         for k, mutant in enumerate(m for m in MUTANTS if m.exercise == number):
+            if mutant.function not in exercise.functions:
+                raise ValueError(f"mutant {mutant.name!r}: {mutant.function} is not a function "
+                                 f"of exercise {number}")
             copy = make_copy(work / f"mutant-{number}-{k}",
                              replace={mutant.function: mutant_source(mutant)})
             checks.append(Check(f"{mutant.function}: {mutant.name}", number, copy, tests, True,

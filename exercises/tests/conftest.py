@@ -56,3 +56,10 @@ def pvm_model():
         for i in (1, 3):
             model.layers[i].pvm_block.gate_alpha.fill_(0.5)
     return model
+
+
+@pytest.fixture(scope="module")
+def pvm_model_bf16(pvm_model):
+    """The same model in bfloat16, the dtype it trains and generates in."""
+    import copy
+    return copy.deepcopy(pvm_model).to(torch.bfloat16)

@@ -150,6 +150,39 @@ def test_one_new_token_attends_over_the_cached_keys():
     close(got, want[:, -1:], "Attention of the last token over the cache", atol=1e-5, rtol=1e-5)
 
 
+class CacheWithEmptySlots(PastKeys):
+    """As model.KVCache returns them: the earlier keys and values, the new ones, then slots not
+    yet filled (here junk, which the mask must hide)."""
+
+    def update(self, layer, k, v):
+        k, v = super().update(layer, k, v)
+        junk = torch.randn(k.size(0), k.size(1), 2, k.size(3),
+                           generator=torch.Generator().manual_seed(9)) * 10
+        return torch.cat([k, junk], dim=2), torch.cat([v, junk], dim=2)
+
+
+def test_one_new_token_under_the_mask_of_a_padded_cache():
+    """Decoding a left-padded batch: row 0's first 2 slots are padding and the cache's last 2
+    slots are still empty; the mask (B, 1, g*1, S) hides both. The result is that of the
+    padded batch's full attention at its last position."""
+    ours, ref = attentions()
+    x, cos, sin = inputs()
+    real = torch.ones(B, T, dtype=torch.bool)
+    real[0, :2] = False
+    full = additive(allowed_keys(real, T))                                     # (B, T, T)
+    with torch.no_grad():
+        want = ref(x, (cos, sin), full[:, None])[0]
+        past_k = ref.k_norm(ref.k_proj(x[:, :-1]).view(B, T - 1, -1, 32)).transpose(1, 2)
+        past_v = ref.v_proj(x[:, :-1]).view(B, T - 1, -1, 32).transpose(1, 2)
+        past_k = reference.apply_rotary_pos_emb(past_k, past_k, cos[:, :-1], sin[:, :-1])[0]
+        cache = CacheWithEmptySlots(past_k, past_v, layer=0)
+        mask = torch.cat([full[:, -1:], torch.full((B, 1, 2), float("-inf"))], dim=-1)
+        got = ours(x[:, -1:], cos[:, -1:, None], sin[:, -1:, None],
+                   mask.repeat(1, 2, 1)[:, None], cache)                      # (B, 1, 2, S)
+    close(got, want[:, -1:], "Attention of the last token over a padded cache with empty slots",
+          atol=1e-5, rtol=1e-5)
+
+
 def test_decoder_layer_equals_the_reference():
     """Norms, attention, MLP and both residuals together (DecoderLayer is written already)."""
     config = hf_config().text_config
@@ -161,3 +194,67 @@ def test_decoder_layer_equals_the_reference():
         got = ours(x, cos[:, :, None], sin[:, :, None], None, None, None)
         want = ref(x, (cos, sin), CAUSAL)
     close(got, want, "DecoderLayer(x)", atol=1e-5, rtol=1e-5)
+
+
+def test_rope_and_attention_leave_their_inputs_unchanged():
+    """rotate_half, apply_rope, qkv and forward return new tensors: x (the residual stream after
+    the norm), the tables, the mask and the cached keys are read, never written."""
+    ours, _ = attentions()
+    x, cos, sin = inputs()
+    real = torch.ones(B, T, dtype=torch.bool)
+    real[0, :2] = False
+    mask = additive(allowed_keys(real, T)).repeat(1, 2, 1)[:, None]
+    torch.manual_seed(7)
+    q = torch.randn(B, 4, T, 32)
+    past_k, past_v = torch.randn(B, 2, 3, 32), torch.randn(B, 2, 3, 32)
+    given = {"x": x, "cos": cos, "sin": sin, "mask": mask, "q": q, "past keys": past_k,
+             "past values": past_v}
+    before = {name: t.clone() for name, t in given.items()}
+    with torch.no_grad():
+        rotate_half(q)
+        apply_rope(q, cos[:, None], sin[:, None])
+        ours.qkv(x, cos[:, :, None], sin[:, :, None])
+        ours(x, cos[:, :, None], sin[:, :, None], mask, None)
+        ours(x, cos[:, :, None], sin[:, :, None], None, None)
+        cache = PastKeys(past_k, past_v, layer=0)
+        ours(x[:, -1:], cos[:, -1:, None], sin[:, -1:, None], torch.zeros(B, 1, 2, 4), cache)
+    for name, t in given.items():
+        assert torch.equal(t, before[name]), (
+            f"{name} changed by rotate_half, apply_rope, qkv or forward")
+
+
+def test_apply_rope_over_random_shapes_and_far_positions():
+    """Random leading axes, head widths 8 to 128 and positions up to 100,000 (angles of 10^5
+    radians: the tables are exact here, the rotation must use them as given), against
+    transformers' apply_rotary_pos_emb."""
+    generator = torch.Generator().manual_seed(8)
+    for case in range(8):
+        hd = [8, 32, 64, 128][case % 4]
+        heads, t = torch.randint(1, 5, (2,), generator=generator).tolist()
+        positions = torch.randint(0, 100_000, (1, t), generator=generator)
+        cos, sin = rope_tables(positions, hd, theta=10_000)
+        q = torch.randn(1, heads, t, hd, generator=generator) * 10 ** (case - 4)
+        want, _ = reference.apply_rotary_pos_emb(q, q, cos, sin)
+        close(apply_rope(q, cos[:, None], sin[:, None]), want,
+              f"apply_rope(q) of q {tuple(q.shape)} (case {case})", atol=1e-6 * 10 ** (case - 4),
+              rtol=1e-5)
+
+
+def test_attention_in_bfloat16_equals_the_reference():
+    """The model runs in bfloat16: x, the tables and the additive mask all bfloat16, the result
+    bfloat16, against transformers' layer in bfloat16 (within 2e-3 + 1%: a few bfloat16 steps
+    of values near 0.1), causal and under a padded batch's mask."""
+    ours, ref = attentions()
+    ours, ref = ours.to(torch.bfloat16), ref.to(torch.bfloat16)
+    x, cos, sin = (t.to(torch.bfloat16) for t in inputs())
+    real = torch.ones(B, T, dtype=torch.bool)
+    real[0, :2] = False
+    mask = additive(allowed_keys(real, T)).to(torch.bfloat16)
+    with torch.no_grad():
+        want = ref(x, (cos, sin), CAUSAL.to(torch.bfloat16))[0]
+        got = ours(x, cos[:, :, None], sin[:, :, None], None, None)
+        close(got, want, "Attention(x) in bfloat16, causal", atol=2e-3, rtol=1e-2)
+        want = ref(x, (cos, sin), mask[:, None])[0]
+        got = ours(x, cos[:, :, None], sin[:, :, None], mask.repeat(1, 2, 1)[:, None], None)
+    close(got[real], want[real], "Attention(x) in bfloat16 under a padded batch's mask",
+          atol=2e-3, rtol=1e-2)

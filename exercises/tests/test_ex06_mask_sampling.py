@@ -155,13 +155,18 @@ def test_top_p_at_its_boundary_keeps_what_the_reference_keeps():
 
 
 SETTINGS = [(1.0, None, None), (0.5, None, None), (1.5, 4, None), (0.8, None, 0.7),
-            (0.7, 6, 0.8), (1.2, 100, 0.9)]
+            (0.7, 6, 0.8), (1.2, 100, 0.9), (1.0, 0, 0.9), (2.0, 4, 0.6), (1.0, 1, None),
+            (1.0, None, 1.0)]
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", SETTINGS)
 def test_sampled_frequencies_follow_the_reference(temperature, top_k, top_p):
     """20,000 draws from one row of 12 logits: tokens that the filters remove never appear; the
-    others appear with the reference probability p, within 5 standard deviations plus 0.002."""
+    others appear with the reference probability p, within 5 standard deviations plus 0.002.
+    top_k 0 keeps every token, as None does; at temperature 2 the distribution is flat enough
+    that top-k 4 removes real mass, so top-p's running mass must be that of the 4 kept tokens
+    (renormalised), not of the whole vocabulary; top_k 1 is the likeliest token alone; top_p 1
+    keeps every token."""
     torch.manual_seed(2)
     logits = torch.randn(12) * 2
     want = reference_probs(logits[None], temperature, top_k, top_p)[0]
@@ -179,3 +184,87 @@ def test_sampled_frequencies_follow_the_reference(temperature, top_k, top_p):
             assert abs(count / n - p) <= allowed, (
                 f"token {token} drawn with frequency {count / n:.4f}, expected {p:.4f} "
                 f"+- {allowed:.4f} (temperature {temperature}, top-k {top_k}, top-p {top_p})")
+
+
+def test_sample_leaves_the_logits_unchanged():
+    """The caller's logits (float32 or bfloat16) are read, not divided in place."""
+    torch.manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(8, 50) * 3).to(dtype)
+        before = logits.clone()
+        generate.sample(logits, 0.7, 20, 0.8, torch.Generator().manual_seed(0))
+        generate.sample(logits, 1.3, None, None, torch.Generator().manual_seed(0))
+        equal(logits, before, f"the {dtype} logits after sample (row, token)")
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 20, 0.8), (1.0, None, None),
+                                                       (0.3, 5, 0.95)])
+def test_bfloat16_logits_are_sampled_as_their_float32_values(temperature, top_k, top_p):
+    """The model's logits come in bfloat16; sample divides them by the temperature in float32,
+    so the same draws (same generator) come from the bfloat16 logits as from those logits
+    converted to float32. Logits from 16 to 26, as a trained model's are, all different within
+    a row: a division in bfloat16 would round a scaled logit by up to half a bfloat16 step (0.25
+    at temperature 0.3), which moves its probability by up to 28%."""
+    torch.manual_seed(6)
+    logits = (16 + torch.stack([torch.randperm(40) for _ in range(512)]) * 0.25).to(torch.bfloat16)
+    got = generate.sample(logits, temperature, top_k, top_p, torch.Generator().manual_seed(7))
+    want = generate.sample(logits.float(), temperature, top_k, top_p,
+                           torch.Generator().manual_seed(7))
+    equal(got, want, "tokens drawn from bfloat16 logits against their float32 values (row)")
+
+
+def test_large_logits_and_extreme_temperatures():
+    """Logits near 1,000 sample like the same logits near 0 (a softmax subtracts the maximum
+    before exponentiating; exp(1000) overflows float32); temperature 1e-4 draws each row's
+    likeliest token every time; temperature 1e4 draws each of 4 tokens about equally often."""
+    torch.manual_seed(8)
+    logits = torch.randn(12) * 2 + 1000
+    want = reference_probs(logits[None], 0.8, 6, 0.9)[0]
+    n = 20_000
+    tokens = generate.sample(logits.expand(n, -1), 0.8, 6, 0.9, torch.Generator().manual_seed(9))
+    frequencies = torch.bincount(tokens, minlength=12).float() / n
+    close(frequencies, want, "frequencies (token) of logits near 1,000 at temperature 0.8, "
+          "top-k 6, top-p 0.9", atol=0.02)
+    rows = torch.randn(64, 50) * 3  # each row its own likeliest token
+    equal(generate.sample(rows, 1e-4, None, None, torch.Generator().manual_seed(10)),
+          rows.argmax(-1), "tokens drawn at temperature 1e-4 (row)")
+    equal(generate.sample(rows, 1e-4, 5, 0.5, torch.Generator().manual_seed(10)),
+          rows.argmax(-1), "tokens drawn at temperature 1e-4, top-k 5, top-p 0.5 (row)")
+    tokens = generate.sample(torch.tensor([[3.0, 1.0, 0.0, -2.0]]).expand(n, -1), 1e4, None,
+                             None, torch.Generator().manual_seed(11))
+    frequencies = torch.bincount(tokens, minlength=4).float() / n
+    close(frequencies, torch.full((4,), 0.25), "frequencies (token) at temperature 1e4",
+          atol=0.02)
+
+
+def test_the_mask_in_bfloat16():
+    """The mask comes in the dtype asked for (the model's: bfloat16), still 0 or -inf."""
+    key_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]]).bool()
+    mask = causal_mask(key_mask, torch.tensor([1, 2]), groups=2, dtype=torch.bfloat16)
+    assert mask.dtype == torch.bfloat16, f"the mask's dtype is {mask.dtype}, not bfloat16"
+    want = allowed_by_definition(key_mask, torch.tensor([1, 2])).repeat(1, 2, 1)[:, None]
+    equal(mask == 0, want, "may attend (batch, 1, g*T, key) in bfloat16")
+    assert (mask[~want] == float("-inf")).all(), "a hidden key must hold -inf in bfloat16"
+
+
+def test_the_mask_over_random_batches():
+    """Random batches, seeded: 1 to 3 rows of 1 to 9 slots, any of them padding or empty, a run
+    of 1 to S new queries starting anywhere, 1 to 4 query heads per group; against the
+    definition. The key mask and the query slots are left unchanged."""
+    generator = torch.Generator().manual_seed(12)
+    for case in range(12):
+        B, S = int(torch.randint(1, 4, (1,), generator=generator)), int(
+            torch.randint(1, 10, (1,), generator=generator))
+        T = int(torch.randint(1, S + 1, (1,), generator=generator))
+        start = int(torch.randint(0, S - T + 1, (1,), generator=generator))
+        groups = int(torch.randint(1, 5, (1,), generator=generator))
+        key_mask = torch.rand(B, S, generator=generator) < 0.7
+        slots = torch.arange(start, start + T)
+        before = key_mask.clone(), slots.clone()
+        mask = causal_mask(key_mask, slots, groups=groups, dtype=torch.float32)
+        want = allowed_by_definition(key_mask, slots).repeat(1, groups, 1)[:, None]
+        equal(torch.tensor(mask.shape), torch.tensor(want.shape), f"shape of the mask, case {case}")
+        equal(mask == 0, want, f"may attend (batch, 1, g*T, key), case {case}")
+        assert (mask[~want] == float("-inf")).all(), "a hidden key must hold -inf"
+        equal(key_mask, before[0], "key_mask after causal_mask")
+        equal(slots, before[1], "query_slots after causal_mask")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import load_qwen
 import pvm
 from checks import close, image_prompt
-from model import Qwen3VL, tiny_config
+from model import Config, Qwen3VL, tiny_config
 
 pytestmark = pytest.mark.ex07
 
@@ -128,6 +128,24 @@ def test_cross_attention_against_the_formula():
             close(got[b], want, f"CrossAttention of sample {b} (T, d)", atol=1e-5, rtol=1e-5)
 
 
+def block_formula(block, a, bank, is_image):
+    """The block of one sample written out in float32: a (T, D), bank (Nv, D) of real visual
+    tokens only; the tiny backbone's g = 2 query heads per key-value head."""
+    W = {name: w.float() for name, w in block.state_dict().items()}
+    a, bank = a.float(), bank.float()
+    t = rms(a @ W["text_reducer.weight"].T, W["input_norm.weight"])            # (T, d)
+    v = bank @ W["vision_reducer.weight"].T
+    attn = {k[len("cross_attn."):]: w for k, w in W.items() if k.startswith("cross_attn.")}
+    heads = t.size(-1) // 32
+    m = cross_attention_formula(attn, t, v, heads=heads, kv_heads=max(1, heads // 2))
+    x = rms(m, W["post_attn_norm.weight"])
+    m = m + (F.silu(x @ W["mlp.gate_proj.weight"].T) * (x @ W["mlp.up_proj.weight"].T)
+             ) @ W["mlp.down_proj.weight"].T
+    want = W["gate_alpha"] * rms(m @ W["output_expander.weight"].T)
+    want[is_image] = 0  # the image's own positions
+    return want
+
+
 def test_the_block_against_the_formula():
     """h = gate * rms(expand(m + MLP(rms(m)))), m = cross-attention of rms(reduce(a)) over the
     reduced bank; nothing at the image's own positions nor for a sample without an image."""
@@ -139,18 +157,101 @@ def test_the_block_against_the_formula():
     with torch.no_grad():
         block.gate_alpha.fill_(0.7)
         got = block(a, bank, bank_mask, is_image)
-        W = block.state_dict()
-        t = rms(a[0] @ W["text_reducer.weight"].T, W["input_norm.weight"])      # (T, d)
-        v = bank[0, :4] @ W["vision_reducer.weight"].T                          # real tokens
-        attn = {k[len("cross_attn."):]: w for k, w in W.items() if k.startswith("cross_attn.")}
-        m = cross_attention_formula(attn, t, v, heads=2, kv_heads=1)
-        x = rms(m, W["post_attn_norm.weight"])
-        m = m + (F.silu(x @ W["mlp.gate_proj.weight"].T) * (x @ W["mlp.up_proj.weight"].T)
-                 ) @ W["mlp.down_proj.weight"].T
-        want = 0.7 * rms(m @ W["output_expander.weight"].T)
-        want[1] = 0  # an image position
+        want = block_formula(block, a[0], bank[0, :4], is_image[0])
     close(got[0], want, "PVMBlock of sample 0 (T, D)", atol=1e-5, rtol=1e-5)
     close(got[1], torch.zeros(4, 64), "PVMBlock of sample 1, which has no image", atol=0.0)
     with torch.no_grad():
         empty = block(a, bank[:, :0], bank_mask[:, :0], torch.zeros(2, 4, dtype=torch.bool))
     close(empty, torch.zeros(2, 4, 64), "PVMBlock with no visual token in the batch", atol=0.0)
+
+
+@pytest.mark.parametrize("size, d, n_kv", [
+    ("tiny", 32, 1), ("tiny", 64, 1), ("tiny", 96, 1), ("tiny", 128, 2), ("tiny", 192, 3),
+    ("4b", 128, 1), ("4b", 384, 1), ("4b", 512, 1), ("4b", 768, 1), ("4b", 1024, 2)])
+def test_key_value_heads_for_each_width(size, d, n_kv):
+    """n_kv = max(1, (d // hd) // g), g the backbone's query heads per key-value head (tiny:
+    hd 32, g 2; the 4B: hd 128, g 4): integer division, so 3 query heads share one key-value
+    head at g = 2, and never fewer than one."""
+    config = tiny_config() if size == "tiny" else Config()
+    with torch.device("meta"):
+        block = pvm.PVMBlock(config, d)
+    shape = tuple(block.cross_attn.k_proj.weight.shape)
+    assert shape == (n_kv * config.head_dim, d), (
+        f"{size}, d = {d}: k_proj {shape}, expected {n_kv} key-value head(s): "
+        f"{(n_kv * config.head_dim, d)}")
+
+
+@pytest.mark.parametrize("d", [32, 96, 128])
+def test_the_block_at_other_widths_against_the_formula(d):
+    """Widths of 1, 3 and 4 query heads (1, 1 and 2 key-value heads)."""
+    block = randomized(pvm.PVMBlock(tiny_config(), d), seed=7)
+    torch.manual_seed(8)
+    a, bank = torch.randn(2, 3, 64), torch.randn(2, 4, 64)
+    bank_mask = torch.tensor([[True, True, False, True], [True] * 4])  # padding in the middle
+    is_image = torch.zeros(2, 3, dtype=torch.bool)
+    with torch.no_grad():
+        block.gate_alpha.fill_(-0.4)
+        got = block(a, bank, bank_mask, is_image)
+        for b in range(2):
+            want = block_formula(block, a[b], bank[b][bank_mask[b]], is_image[b])
+            close(got[b], want, f"PVMBlock of sample {b} (T, D) at d = {d}", atol=1e-5, rtol=1e-5)
+
+
+def batch_with_and_without_an_image(dtype=torch.float32, a_scale=1.0, bank_scale=1.0):
+    torch.manual_seed(9)
+    a = (torch.randn(3, 4, 64) * a_scale).to(dtype)
+    bank = (torch.randn(3, 5, 64) * bank_scale).to(dtype)
+    bank_mask = torch.tensor([[True, True, True, False, False], [False] * 5, [True] * 5])
+    is_image = torch.tensor([[False, True, True, False], [False] * 4, [True, False, False, False]])
+    return a, bank, bank_mask, is_image
+
+
+def test_the_block_leaves_its_inputs_unchanged():
+    """a is the residual stream and the bank is shared by every PVM layer: both are read, never
+    written (not even the bank's padding)."""
+    block = randomized(pvm.PVMBlock(tiny_config(), 64), seed=5)
+    given = batch_with_and_without_an_image()
+    before = [t.clone() for t in given]
+    with torch.no_grad():
+        block.gate_alpha.fill_(0.7)
+        block(*given)
+    for name, t, was in zip(["a", "bank", "bank_mask", "is_image"], given, before):
+        assert torch.equal(t, was), f"PVMBlock changed its input {name}"
+
+
+@pytest.mark.parametrize("a_scale, bank_scale", [(1e3, 1.0), (1e-3, 1.0), (1.0, 1e3),
+                                                 (1.0, 1e-3)])
+def test_the_block_far_from_unit_scale(a_scale, bank_scale):
+    """The stream and the bank far from magnitude 1 (the 4B's stream reaches the hundreds):
+    against the formula within 1e-4 relative. The expander's output is far below 1 (its
+    weights are N(0, 0.02)), so the output norm's ε = config.rms_norm_eps weighs."""
+    block = randomized(pvm.PVMBlock(tiny_config(), 64), seed=5)
+    a, bank, bank_mask, is_image = batch_with_and_without_an_image(a_scale=a_scale,
+                                                                   bank_scale=bank_scale)
+    with torch.no_grad():
+        block.gate_alpha.fill_(0.7)
+        got = block(a, bank, bank_mask, is_image)
+        for b in (0, 2):
+            want = block_formula(block, a[b], bank[b][bank_mask[b]], is_image[b])
+            close(got[b], want, f"PVMBlock of sample {b}, a * {a_scale:g}, bank * {bank_scale:g}",
+                  atol=1e-6, rtol=1e-4)
+    close(got[1], torch.zeros(4, 64), "PVMBlock of sample 1, which has no image", atol=0.0)
+
+
+def test_the_block_in_bfloat16():
+    """The block in bfloat16, as attach_pvm builds it beside a bfloat16 model: the scores go to
+    float32 for the scale, the mask (finfo(float32).min, which bfloat16 cannot hold) and the
+    softmax, whose weights come back to bfloat16. The result is bfloat16, within 0.05 of the
+    float32 formula of the same weights, and exactly 0 for the sample without an image."""
+    block = randomized(pvm.PVMBlock(tiny_config(), 64), seed=5).to(torch.bfloat16)
+    a, bank, bank_mask, is_image = batch_with_and_without_an_image(torch.bfloat16)
+    with torch.no_grad():
+        block.gate_alpha.fill_(0.7)
+        got = block(a, bank, bank_mask, is_image)
+        assert got.dtype == torch.bfloat16, f"PVMBlock in bfloat16 returns {got.dtype}"
+        for b in (0, 2):
+            want = block_formula(block, a[b], bank[b][bank_mask[b]], is_image[b])
+            close(got[b].float(), want, f"PVMBlock of sample {b} in bfloat16", atol=5e-2,
+                  rtol=0.0)
+    close(got[1], torch.zeros(4, 64, dtype=torch.bfloat16),
+          "PVMBlock of sample 1 (no image) in bfloat16", atol=0.0)

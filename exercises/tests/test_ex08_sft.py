@@ -63,6 +63,51 @@ def test_the_loss_follows_the_mask(pvm_model):
     assert abs(got.item() - other.item()) > 1e-3, "the loss does not depend on the mask"
 
 
+def test_the_loss_at_the_ends_of_the_sample(pvm_model):
+    """The mask on the first token (which no position predicts: it is ignored) and on the last
+    (predicted by position T - 2); then an empty mask, whose loss is exactly 0 (a sum over no
+    tokens, not a mean)."""
+    ids, pixel_values, grid, _ = sample()
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[0, 0] = mask[0, -1] = mask[0, 5] = True
+    with torch.no_grad():
+        loss = train.AssistantLoss(pvm_model)
+        got = loss(ids, pixel_values, grid, mask)
+        want, count = loss_formula(pvm_model, ids, pixel_values, grid, mask)
+        empty = loss(ids, pixel_values, grid, torch.zeros_like(mask))
+    assert count == 2
+    close(got.float(), want, "summed loss over the last token and token 5 (the first token "
+          "marked too, which nothing predicts)", atol=1e-4, rtol=1e-5)
+    assert empty.dim() == 0 and empty.item() == 0.0, (
+        f"the loss of a sample without marked tokens is {empty}, expected 0")
+
+
+def test_the_loss_leaves_its_inputs_unchanged(pvm_model):
+    """input_ids, pixel_values and the loss mask are read, never written (no -100 labels made
+    in place: the caller still holds the sample)."""
+    given = sample()
+    before = [t.clone() for t in given]
+    with torch.no_grad():
+        train.AssistantLoss(pvm_model)(*given)
+    for name, t, was in zip(["input_ids", "pixel_values", "image_grid_thw", "loss_mask"],
+                            given, before):
+        assert torch.equal(t, was), f"AssistantLoss changed its input {name}"
+
+
+def test_the_loss_of_a_bfloat16_model_is_float32(pvm_model_bf16):
+    """The model runs in bfloat16; the cross-entropy is taken in float32 (a bfloat16 sum of 7
+    terms near 12 rounds by 0.25): the loss is float32 and equals the formula over the
+    bfloat16 model's logits cast to float32, term by term."""
+    ids, pixel_values, grid, mask = sample()
+    with torch.no_grad():
+        got = train.AssistantLoss(pvm_model_bf16)(ids, pixel_values, grid, mask)
+        hidden = pvm_model_bf16.hidden_states(ids, pixel_values, grid)[0]
+        want = sum(F.cross_entropy(pvm_model_bf16.lm_head(hidden[t - 1]).float(), ids[0, t])
+                   for t in range(1, ids.size(1)) if mask[0, t])
+    assert got.dtype == torch.float32, f"the loss of a bfloat16 model has dtype {got.dtype}"
+    close(got, want, "summed loss of the bfloat16 model", atol=1e-3, rtol=1e-5)
+
+
 def test_the_gradient_reaches_pvm(pvm_model):
     ids, pixel_values, grid, mask = sample()
     train.AssistantLoss(pvm_model)(ids, pixel_values, grid, mask).backward()
@@ -82,8 +127,11 @@ def schedule(step, total, lr, warmup):
     return lr / 2 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
 
 
-@pytest.mark.parametrize("total, warmup", [(100, 0.1), (7, 0.1), (10, 0.5), (40, 0.0), (1, 0.1)])
+@pytest.mark.parametrize("total, warmup", [(100, 0.1), (7, 0.1), (10, 0.5), (40, 0.0), (1, 0.1),
+                                           (10, 0.25), (14, 0.25), (9, 0.3), (6, 1.0)])
 def test_the_schedule_at_every_step(total, warmup):
+    """Among them warmup * total = 2.5 and 3.5 (Python's round takes a half to the even number:
+    2 and 4 warmup steps), 2.7 (3 steps, not 2) and a run that is all warmup."""
     args = SimpleNamespace(lr=3e-4, warmup=warmup)
     for step in range(total):
         got, want = train.get_lr(step, total, args), schedule(step, total, 3e-4, warmup)

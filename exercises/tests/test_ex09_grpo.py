@@ -56,6 +56,55 @@ def test_the_groups_are_consecutive_rewards():
     equal(same, torch.tensor([False, True]), "which groups are all equal")
 
 
+@pytest.mark.parametrize("reward, G", [(0.9, 8), (0.1, 8), (0.6, 16)])
+def test_a_lone_all_equal_group_as_main_passes_it(reward, G):
+    """grpo.main passes one prompt's G rewards at a time (P = 1). G equal float32 rewards whose
+    mean is inexact (eight 0.9s: float32 mean 0.9 + 6e-8, std 6.4e-8, not 0) still make an
+    all-equal group: advantages exactly 0, whatever the std comes out as."""
+    rewards = torch.tensor([reward] * G)
+    assert rewards.std() != 0  # the case this test is for: a std that rounding keeps above 0
+    got, same = grpo.group_advantages(rewards, G)
+    assert (got == 0).all(), f"advantages of {G} rewards of {reward}: {got.tolist()}, expected 0"
+    equal(same, torch.tensor([True]), f"whether {G} rewards of {reward} are all equal")
+
+
+def test_a_nearly_equal_group_is_not_all_equal():
+    """All equal means exactly equal: three 0.5s and a 0.500004 (within torch.isclose's default
+    tolerance) are a group with a spread; their advantages follow the formula, not 0."""
+    rewards = torch.tensor([0.5, 0.5, 0.5, 0.500004])
+    got, same = grpo.group_advantages(rewards, 4)
+    equal(same, torch.tensor([False]), "whether 0.5, 0.5, 0.5, 0.500004 are all equal")
+    close(got, advantages_formula(rewards, 4).float(), "advantages of 0.5, 0.5, 0.5, 0.500004",
+          atol=1e-3)  # float32's mean is off by up to 3e-8 of a spread of 4e-6
+
+
+def test_the_advantages_leave_the_rewards_unchanged():
+    rewards = REWARDS.clone()
+    grpo.group_advantages(rewards, 4)
+    equal(rewards, REWARDS, "the rewards after group_advantages")
+
+
+def test_the_advantages_over_random_batches():
+    """Random batches, seeded: 1 to 4 prompts of 2 to 8 completions, rewards drawn from
+    {0, 0.5, 1} (so some groups are all equal) or uniform, scaled by 10^-3 to 10^3; against the
+    formula in float64 within 1e-4 (+ 1e-4 relative)."""
+    generator = torch.Generator().manual_seed(14)
+    for case in range(16):
+        P, G = int(torch.randint(1, 5, (1,), generator=generator)), int(
+            torch.randint(2, 9, (1,), generator=generator))
+        if case % 2:
+            rewards = torch.randint(0, 3, (P * G,), generator=generator).float() / 2
+        else:
+            rewards = torch.rand(P * G, generator=generator)
+        rewards = rewards * 10 ** float(torch.randint(-3, 4, (1,), generator=generator))
+        got, same = grpo.group_advantages(rewards, G)
+        want = advantages_formula(rewards, G).float()
+        close(got, want, f"advantages of {P} groups of {G} (case {case})", atol=1e-4, rtol=1e-4)
+        grouped = rewards.view(P, G)
+        equal(same, (grouped == grouped[:, :1]).all(dim=1),
+              f"which groups are all equal (case {case})")
+
+
 COMPLETIONS = [[72, 13, IM_END], [73, IM_END], [74, 75, 76, 77], [78, 79, 80, IM_END]]
 ADVANTAGES = torch.tensor([0.7, -1.3, 0.5, 0.9])  # made up: the 3rd row is truncated
 
@@ -124,3 +173,28 @@ def test_the_gradient_reaches_pvm(pvm_model):
     pvm_model.zero_grad(set_to_none=True)
     for name, grad in grads.items():
         assert grad is not None and grad.abs().max() > 0, f"layer 1 PVM {name}: no gradient"
+
+
+def test_the_objective_of_a_bfloat16_model_is_float32(pvm_model_bf16):
+    """The model runs in bfloat16; log p is taken in float32: the objective is float32 and
+    equals the sum, over the tokens loss_mask marks, of A_row * log_softmax of the bfloat16
+    model's logits cast to float32 (the padded batch's own hidden states: in bfloat16 a row
+    scored alone rounds differently). The batch's tensors, the advantages among them, are left
+    unchanged."""
+    _, tensors = batch()
+    before = [t.clone() for t in tensors]
+    input_ids, attention_mask, pixel_values, grid, loss_mask, advantages = tensors
+    with torch.no_grad():
+        got = grpo.PolicyObjective(pvm_model_bf16)(*tensors)
+        hidden = pvm_model_bf16.hidden_states(input_ids, pixel_values, grid,
+                                              attention_mask=attention_mask)
+        want = 0.0
+        for row, t in torch.nonzero(loss_mask).tolist():  # token t, predicted by position t - 1
+            logp = pvm_model_bf16.lm_head(hidden[row, t - 1]).float().log_softmax(dim=-1)
+            want = want + advantages[row] * logp[input_ids[row, t]]
+    assert got.dtype == torch.float32, f"the objective of a bfloat16 model has dtype {got.dtype}"
+    close(got, want, "sum of A * log p of the bfloat16 model", atol=1e-3, rtol=1e-5)
+    names = ["input_ids", "attention_mask", "pixel_values", "image_grid_thw", "loss_mask",
+             "advantages"]
+    for name, t, was in zip(names, tensors, before):
+        assert torch.equal(t, was), f"PolicyObjective changed its input {name}"

@@ -46,6 +46,63 @@ def test_the_exponent_of_an_exact_power_law(exponent):
     assert abs(got - exponent) < 1e-9, f"decay_exponent of 0.3 (keys/80)^{exponent} is {got}"
 
 
+@pytest.mark.parametrize("share", [[], [0.3], [0.3, 0.0], [0.3, -0.1], [0.0, 0.2, 0.1]],
+                         ids=["none", "one", "a zero", "a negative", "a zero first"])
+def test_decay_exponent_refuses_too_few_or_non_positive_shares(share):
+    """The fit needs two or more shares, each above 0 (its logarithm): ValueError otherwise."""
+    with pytest.raises(ValueError):
+        measure.decay_exponent(share, 80)
+
+
+def test_decay_exponent_at_its_limits():
+    """Exactly two shares (the slope through two points) and shares as small as 1e-300 are
+    accepted; shares 1e-60 or 1e60 times a power law give its exponent, not float32's
+    underflow or overflow."""
+    got = measure.decay_exponent([0.3, 0.2], 80)
+    want = np.log(0.2 / 0.3) / np.log(81 / 80)
+    assert abs(got - want) < 1e-9, f"decay_exponent of two shares is {got}, expected {want}"
+    got = measure.decay_exponent([1e-300, 1e-301], 80)
+    want = np.log(0.1) / np.log(81 / 80)
+    assert abs(got - want) < 1e-6, f"decay_exponent of 1e-300, 1e-301 is {got}, expected {want}"
+    keys = 80 + torch.arange(50, dtype=torch.float64)
+    for scale in (1e-60, 1e60):
+        got = measure.decay_exponent((scale * (keys / 80) ** -0.7).tolist(), 80)
+        assert abs(got + 0.7) < 1e-9, f"decay_exponent of {scale:g} (keys/80)^-0.7 is {got}"
+
+
+def test_the_measures_leave_their_tensors_unchanged():
+    """summary() hands over tensors, not lists: layer_groups, dilution and decay_exponent read
+    them (float64 here, which torch.as_tensor passes through uncopied) and never write them."""
+    torch.manual_seed(1)
+    share = torch.rand(6, 5, dtype=torch.float64) + 0.1
+    column = share[:, 0].clone()
+    first = torch.tensor(0.3, dtype=torch.float64)
+    given = {"image_share": share, "a group's shares": column, "first share": first}
+    before = {name: t.clone() for name, t in given.items()}
+    measure.layer_groups(share)
+    measure.dilution(first, 100, 4)
+    measure.decay_exponent(column, 100)
+    for name, t in given.items():
+        close(t, before[name], f"{name} after layer_groups, dilution and decay_exponent",
+              atol=0.0)
+
+
+def test_layer_groups_of_any_depth():
+    """3 to 40 layers in 2 to 5 groups, seeded: group i holds L // groups layers, one more if
+    i < L % groups, consecutive, in order."""
+    generator = torch.Generator().manual_seed(2)
+    for case in range(12):
+        L = int(torch.randint(3, 41, (1,), generator=generator))
+        groups = int(torch.randint(2, min(5, L) + 1, (1,), generator=generator))
+        share = torch.rand(4, L, dtype=torch.float64, generator=generator)
+        sizes = [L // groups + (i < L % groups) for i in range(groups)]
+        starts = np.cumsum([0] + sizes)
+        want = torch.stack([share[:, starts[i]:starts[i + 1]].mean(1) for i in range(groups)],
+                           dim=1)
+        close(measure.layer_groups(share.tolist(), groups), want,
+              f"layer_groups of {L} layers in {groups} groups", atol=1e-12)
+
+
 def test_a_report_of_the_tiny_model():
     """A report recorded while a tiny random model answers: each group's exponent equals the
     least-squares slope of log share against log keys (numpy's polyfit)."""
