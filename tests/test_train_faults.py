@@ -255,3 +255,32 @@ def test_ctrl_c_saves_the_finished_steps_exactly(tmp_path, monkeypatch):
     assert straight["run"] == state["run"]
     assert all(torch.equal(straight["weights"][name], state["weights"][name])
                for name in state["weights"])
+
+
+def test_a_resumed_run_logs_each_step_once_and_a_fresh_run_never_mixes(tmp_path, capsys,
+                                                                        monkeypatch):
+    """A crash after step 3 is logged but before its checkpoint (every 2 steps): --resume redoes
+    step 3 and log.jsonl holds every step once (the log is cut back to the checkpoint's). A fresh
+    run into that folder is refused and leaves it as it was."""
+    class Crash(Exception):
+        pass
+    get_lr, out = train.get_lr, tmp_path / "out"
+    argv = [*TINY, "--max-steps", "4", "--save-every", "2", "--out", str(out)]
+
+    def crash_at_step_4(step, *rest):
+        if step >= 3:
+            raise Crash()
+        return get_lr(step, *rest)
+    monkeypatch.setattr(train, "get_lr", crash_at_step_4)
+    with pytest.raises(Crash):
+        train.main(train.parse_args(argv))
+    assert steps_logged(out) == [1, 2, 3]
+    monkeypatch.setattr(train, "get_lr", get_lr)
+    train.main(train.parse_args([*argv, "--resume"]))
+    assert steps_logged(out) == [1, 2, 3, 4]
+    before = (out / "log.jsonl").read_bytes()
+    status, line = run(argv, capsys)
+    assert status == 2
+    assert line == (f"error: {out} holds an earlier run (state.pt, log.jsonl): pass --resume, "
+                    "or another --out")
+    assert (out / "log.jsonl").read_bytes() == before
