@@ -103,14 +103,18 @@ def end_process():
 
 def distribute(objective, model, device, shard):
     """Under torchrun, the objective (a module around the model) in DDP, or with `shard` the
-    model's parameters, gradients and AdamW states sharded over the processes by FSDP2."""
+    model's parameters, gradients and AdamW states sharded over the processes by FSDP2; on CUDA
+    with its mixed precision: the passes (sampling too) on bf16 copies of the float32 master
+    weights, the gradients reduced in float32."""
     if not dist.is_initialized():
         return objective
     if not shard:
         return DDP(objective, device_ids=[torch.device(device).index] if "cuda" in device else None)
+    dtypes = (torch.bfloat16, torch.float32) if "cuda" in device else ()  # on the CPU: float32
+    policy = torch.distributed.fsdp.MixedPrecisionPolicy(*dtypes)
     for layer in model.layers:
-        fully_shard(layer)
-    fully_shard(model)  # the rest: embeddings, vision tower, final norm, head
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)  # the rest: embeddings, vision tower, final norm, head
     register_fsdp_forward_method(model, "hidden_states")  # what generate and the loss call
     return objective
 
@@ -138,7 +142,8 @@ def value(t):
 
 OPTIONS = {  # option -> (what its value must pass, what it must be)
     **dict.fromkeys(("lr", "grad_clip", "batch_size", "save_every", "max_len", "max_steps",
-                     "synthetic_samples", "prompts", "samples", "max_new_tokens", "limit"),
+                     "synthetic_samples", "prompts", "samples", "max_new_tokens", "limit",
+                     "micro_batch_tokens"),
                     (lambda v: 0 < v < math.inf, "positive")),
     **dict.fromkeys(("eval_every", "eval_samples", "weight_decay", "top_k", "temperature"),
                     (lambda v: 0 <= v < math.inf, "a number >= 0")),

@@ -1,16 +1,19 @@
 """
-GRPO, the paper's second stage after train.py's SFT: each step samples G answers to each of P
-prompts, scores them, and raises the log-probability of the answers that scored above their
-group's mean, lowers the others'. TRL's GRPOTrainer as the paper's script configures it
-(loss_type "dapo", beta 0, one optimisation pass per batch), written out as one loop.
+GRPO, the paper's second stage after train.py's SFT: each step samples G answers
+to each of P prompts, scores them, and raises the log-probability of the answers
+that scored above their group's mean, lowers the others'. TRL's GRPOTrainer as
+the paper's script configures it (loss_type "dapo" as in TRL v1.0-v1.8, beta 0,
+one optimisation pass per batch), written out as one loop; docs/GRPO.md says
+which defaults differ from the paper's and why.
 
-    python grpo.py --size 4b --init out/pvm-4b/pvm.safetensors --data train.jsonl --out out/g4b
-    torchrun --nproc_per_node=8 grpo.py --size 8b --trainable lm --data train.jsonl --out out/g8b
-    python train.py --size tiny && python grpo.py --size tiny      # a few minutes on a CPU
+    python grpo.py --size 4b --init out/pvm-4b/pvm.safetensors --data train.jsonl
+    torchrun --nproc_per_node=8 grpo.py --size 8b --trainable lm --data train.jsonl
+    python train.py --size tiny && python grpo.py --size tiny    # minutes on a CPU
 
---data: eval.py's JSON lines; without it, the built-in task. --out gets pvm.safetensors, state.pt,
-log.jsonl, and with --trainable lm model/, a checkpoint directory. Left out on purpose: the
-reference model and its KL term (beta 0), several passes per batch, vLLM, LoRA.
+--data: eval.py's JSON lines; without it, the built-in task. --out gets
+pvm.safetensors, state.pt, log.jsonl, and with --trainable lm model/, a
+checkpoint directory. Left out on purpose: the reference model and its KL term
+(beta 0), several passes per batch, vLLM, LoRA.
 """
 import argparse
 import random
@@ -23,14 +26,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import common
 from data import SYNTHETIC_SAMPLES, image_tokens, synthetic_sample
-from eval import builtin_sample, prompt_messages, read_samples, score
+from eval import LETTERS, answer_letter, builtin_sample, grade_answer, prompt_messages
+from eval import read_samples, score
 from generate import generate_batch
 from load_qwen import save_model
-from processor import encode_chat
+from processor import encode_chat, left_pad
 from pvm import load_pvm
 
 # DeepSeek-R1's template, which the R1-style GRPO recipes for vision-language models reuse
@@ -40,17 +45,18 @@ SYSTEM_PROMPT = (
     "provides the user with the answer. The reasoning process and answer are enclosed within "
     "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process "
     "here </think><answer> answer here </answer>")
-# <think>...</think> then <answer>...</answer>: whitespace between, no tag inside, nothing after
-FORMAT = re.compile(r"<think>(?:(?!</?think>|</?answer>).)*</think>\s*"
-                    r"<answer>(?:(?!</?think>|</?answer>).)*</answer>", re.S)
+# the paper's format pattern, verbatim, read with re.match: a trailing space, an <answer> inside
+# the think part or a second <think> still pass
+FORMAT = re.compile(r"^<think>(?:(?!</think>).)*?</think>\s*<answer>(?:(?!</answer>).)*?</answer>"
+                    r"\s*$", re.S)
 PAD_ID = 0  # right-pads the completions: any token of any vocabulary (masked, never read)
 
-# What depends on --size (PVM's layers and the checkpoint: common.SIZES). lr: the paper's;
-# max_new_tokens: TRL's max_completion_length. tiny starts from `train.py --size tiny`'s PVM, for a
-# random model never samples a letter (every reward 0, no gradient); its reward: the first token
-# alone answers right; 8 tokens, so that few completions are cut (a cut one is out of the loss);
-# its rate is larger, to learn within minutes.
-RELEASED = {"lr": 1e-6, "max_new_tokens": 512, "system": SYSTEM_PROMPT, "reward": "think_answer",
+# What depends on --size (PVM's layers, the checkpoint: common.SIZES). The paper's
+# settings but max_new_tokens: its 16,384 is a ~160 GB KV cache for the 4B's 64 rows.
+# tiny starts from `train.py --size tiny`'s PVM (a random model never samples a letter:
+# no reward, no gradient); its reward: the first token alone answers right; 8 tokens, so
+# that few are cut; a larger rate, to learn within minutes; no system prompt (never seen).
+RELEASED = {"lr": 1e-6, "max_new_tokens": 4096, "system": SYSTEM_PROMPT, "reward": "think_answer",
             "init": None, "steps": None}
 SIZES = {"4b": RELEASED, "8b": RELEASED,
          "tiny": {"lr": 1e-3, "max_new_tokens": 8, "system": None, "reward": "first_token",
@@ -60,11 +66,25 @@ SIZES = {"4b": RELEASED, "8b": RELEASED,
 # rewards, advantages, the objective
 
 def rewards(text, ids, sample, kind, tokenizer):
-    """(format part, accuracy part) of one completion's reward."""
+    """(format part, accuracy part) of one completion's reward: the paper's 0.1 for the
+    format, 0.9 when the FIRST <answer>...</answer>, stripped, is right by mathruler's
+    grade_answer (a multiple-choice answer against its letter: `B. green` is not `B`)."""
     if kind == "first_token":  # --size tiny
         return 0.0, float(score(tokenizer.decode(ids[:1]), sample))
-    answers = re.findall(r"<answer>(.*?)</answer>", text, flags=re.S)
-    return 0.1 * bool(FORMAT.fullmatch(text)), 0.9 * bool(answers and score(answers[-1], sample))
+    first, solution = re.search(r"<answer>(.*?)</answer>", text, re.S), str(sample["answer"])
+    if sample.get("options"):
+        solution = answer_letter(solution, sample["options"])
+    right = first is not None and grade_answer(first.group(1).strip(), solution)
+    return 0.1 * bool(FORMAT.match(text)), 0.9 * bool(right)
+
+
+def user_turn(sample):
+    """eval.py's user turn without its multiple-choice post-prompt ("Answer with the option's
+    letter ... directly"): under the think/answer system prompt a bare letter scores 0."""
+    options = "".join(f"\n{letter}. {option}" for letter, option in
+                      zip(LETTERS, sample.get("options") or []))
+    return prompt_messages({**sample, "question": sample["question"] + options, "options": None},
+                           None)
 
 
 def group_advantages(rewards, G):
@@ -99,11 +119,13 @@ def group_batch(prompt, completions, stops, image_token, advantages):
 
 
 class PolicyObjective(torch.nn.Module):
-    """Model and objective as one module, so DDP wraps the whole forward (as train.py's loss)."""
+    """Model and objective as one module, so DDP wraps the whole forward (as train.py's
+    loss). The head and the log-softmax run `chunk` positions at a time; with several
+    chunks each is redone in the backward pass: the (N, V) logits never exist whole."""
 
-    def __init__(self, model):
+    def __init__(self, model, temperature=1.0, chunk=4096):
         super().__init__()
-        self.model = model
+        self.model, self.temperature, self.chunk = model, temperature, chunk
 
     def forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, loss_mask,
                 advantages):
@@ -112,15 +134,26 @@ class PolicyObjective(torch.nn.Module):
         hidden = self.model.hidden_states(input_ids, pixel_values, image_grid_thw,
                                           attention_mask)                  # (B, L, D)
         predicts = loss_mask[:, 1:]  # position t predicts token t + 1
-        logits = self.model.lm_head(hidden[:, :-1][predicts])              # (N, V): only there
-        logp = -F.cross_entropy(logits.float(), input_ids[:, 1:][predicts], reduction="none")
-        return (advantages[:, None].expand_as(predicts)[predicts] * logp).sum()
+        weights = advantages[:, None].expand_as(predicts)[predicts]        # (N,)
+        chunks = [part.split(self.chunk) for part in
+                  (hidden[:, :-1][predicts], input_ids[:, 1:][predicts], weights)]  # N rows each
+        if len(chunks[0]) == 1:
+            return self.weighted_logp(*(part[0] for part in chunks))
+        return sum(checkpoint(self.weighted_logp, *part, use_reentrant=False)
+                   for part in zip(*chunks))
+
+    def weighted_logp(self, hidden, tokens, weights):
+        """sum of weight * log p(token) for hidden states (n, D): log p from logits / T, as TRL
+        takes it, so that the loss reads the distribution the tokens were sampled from."""
+        logits = self.model.lm_head(hidden).float() / self.temperature   # (n, V): only there
+        return (weights * -F.cross_entropy(logits, tokens, reduction="none")).sum()
 
 # -----------------------------------------------------------------------------
 # the loop
 
 def load_prompts(args):
-    """eval.py's samples, or the built-in task's, shuffled by the seed; bad images fail here."""
+    """eval.py's samples, or the built-in task's, shuffled by the seed; bad image headers fail
+    here (a body that fails to decode is skipped later: encode_prompt)."""
     rng = random.Random(args.seed)  # the built-in task's
     samples = read_samples(args.data) if args.data else [
         builtin_sample(synthetic_sample(rng), f"built-in sample {i}")
@@ -136,6 +169,20 @@ def load_prompts(args):
     return [samples[i] for i in order.tolist()]
 
 
+def encode_prompt(prompts, i, tokenizer, system, named):
+    """Prompt i (wrapping) as encode_chat's tensors, and how many were skipped for it. As
+    data.encode_sample for train.py: a prompt whose image fails to decode (a truncated
+    body) gives way to the next, named on stderr once and counted in the log."""
+    for j, sample in enumerate(prompts[i % len(prompts):] + prompts[:i % len(prompts)]):
+        try:
+            return sample, encode_chat(tokenizer, system + user_turn(sample)), j
+        except ValueError as e:  # load_image's, which names the file
+            if sample["where"] not in named:
+                tqdm.write(f"skipped: {e}", file=sys.stderr)  # above the progress bar
+                named.add(sample["where"])
+    raise ValueError("no prompt's images can be decoded")
+
+
 def main(args):
     """GRPO for --max-steps steps (default: one epoch), saving every --save-every steps."""
     rank, world, device = common.init_process(args.device, args.size)
@@ -145,33 +192,38 @@ def main(args):
     if args.init and not Path(args.init).is_file():  # before loading the model
         raise ValueError(f"--init {args.init}: no such file: run `python train.py --size "
                          f"{args.size}` first, or pass --init none")
+    if size["reward"] == "think_answer" and grade_answer is None:
+        raise ValueError("the paper's accuracy reward needs mathruler: pip install mathruler "
+                         "pylatexenc sympy")
     out = common.prepare_out(args.out, args.resume)
     checkpoint, tokenizer = common.checkpoint_and_tokenizer(args.size, args.model)
     prompts = load_prompts(args)
-    # lm: float32 master weights, bf16 autocast on CUDA; pvm: a bf16 backbone there
+    # lm: float32 master weights (FSDP2 casts them to bf16 on CUDA); pvm: a bf16 backbone there
     model = common.build_model(args.size, args.seed, checkpoint, device,
                                torch.bfloat16 if cuda and not lm else torch.float32, args.grad_ckpt)
     if args.init:
         load_pvm(model, args.init)
     if lm:  # the paper's: the language model too, not the vision tower
-        model.requires_grad_(True)
-        model.visual.requires_grad_(False)
-    objective = common.distribute(PolicyObjective(model), model, device, shard=lm)
-    fsdp, stops = world > 1 and lm, set(model.config.eos_token_ids)
+        model.requires_grad_(True).visual.requires_grad_(False)
+    if lm and cuda and world == 1:  # FSDP2 on one GPU too, for its bf16 mixed precision
+        torch.distributed.init_process_group("nccl", store=torch.distributed.HashStore(),
+                                             rank=0, world_size=1)
+    objective = common.distribute(PolicyObjective(model, args.temperature,
+                                                  args.micro_batch_tokens), model, device, lm)
+    # FSDP2 gathers bf16 weights for sampling on CUDA; its hooks keep CUDA graphs out
+    fsdp, stops = lm and torch.distributed.is_initialized(), set(model.config.eos_token_ids)
+    image_token = model.config.image_token_id
     system = [{"role": "system", "content": size["system"]}] if size["system"] else []
     total = args.max_steps or size["steps"] or -(-len(prompts) // args.prompts)  # one epoch
     # the settings a --resume must share
-    run = {k: v for k, v in vars(args).items() if k not in
-           ("out", "resume", "max_steps", "save_every", "grad_ckpt", "device")} | {"steps": total}
+    run = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "max_steps",
+           "save_every", "grad_ckpt", "device", "micro_batch_tokens")} | {"steps": total}
     params = [p for p in model.parameters() if p.requires_grad]
     # AdamW as TRL's Trainer sets it up: no weight decay (torch's default is 0.01); clipping at
     # 1.0; the rate constant (the paper's; the Trainer's default decays it linearly)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     start = done = common.resume(out, model, optimizer, run, rank) if args.resume else 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
-    # PVM's float32 master weights beside a bf16 model sample under autocast, as train.py
-    # evaluates; --trainable lm samples in float32, the dtype of its KV cache (generate.py's)
-    sampling = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and not lm)
+    autocast, named = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda), set()
     if rank == 0:
         print(f"{len(prompts)} prompts; {total} steps of {args.prompts} x {args.samples} samples;"
               f" {sum(p.numel() for p in params):,} trainable parameters", file=sys.stderr)
@@ -179,46 +231,56 @@ def main(args):
         for step in tqdm(range(start, total), initial=start, total=total, disable=rank != 0):
             t0 = time.perf_counter()
             # step s takes prompts s*P .. (s+1)*P - 1 of the shuffled order (wrapping), a share
-            # per rank. Each prompt's samples come from a seed of its own: they depend on the
-            # run's seed and the prompt's place, not on how prompts are spread over processes.
-            groups = []
-            with common.gathered(model), sampling:
-                for i in range(step * args.prompts + rank, (step + 1) * args.prompts, world):
-                    sample = prompts[i % len(prompts)]
-                    prompt = encode_chat(tokenizer, system + prompt_messages(sample, None))
-                    completions = generate_batch(  # one prefill, its cache copied to G rows
-                        model, prompt[0], None, *prompt[1:], max_new_tokens=args.max_new_tokens,
-                        temperature=1.0, top_p=1.0, seed=(args.seed << 32) + i,
-                        num_samples=args.samples, cuda_graph=not fsdp)
-                    groups.append((sample, prompt, completions))
+            # per rank, all sampled in one batch from a seed of the run, the step and the rank
+            sums, groups = Counter(), []
+            for i in range(step * args.prompts + rank, (step + 1) * args.prompts, world):
+                sample, prompt, skipped = encode_prompt(prompts, i, tokenizer, system, named)
+                sums["skipped"] += skipped
+                groups.append((sample, prompt))
+            with common.gathered(model), autocast:
+                completions = generate_batch(
+                    model, *left_pad([prompt for _, prompt in groups]),
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=1.0,
+                    seed=(args.seed << 32) + step * world + rank, num_samples=args.samples,
+                    cuda_graph=not fsdp)
             t1 = time.perf_counter()
             # the step's sums over this rank's groups, then over the ranks: see the log line
-            sums, batches = Counter(), []
-            for sample, prompt, completions in groups:
+            micro, G = [], args.samples
+            for g, (sample, prompt) in enumerate(groups):
+                group = completions[g * G:(g + 1) * G]
                 parts = torch.tensor([rewards(tokenizer.decode(ids), ids, sample, size["reward"],
-                                              tokenizer) for ids in completions])  # (G, 2)
-                advantages, equal = group_advantages(parts.sum(dim=1), args.samples)
-                batches.append(group_batch(prompt, completions, stops,
-                                           model.config.image_token_id, advantages))
+                                              tokenizer) for ids in group])  # (G, 2)
+                advantages, equal = group_advantages(parts.sum(dim=1), G)
+                # passes of whole rows within --micro-batch-tokens; none for an all-equal group
+                # (its advantages, and so its gradient, are 0)
+                n = max(1, args.micro_batch_tokens // (prompt[0].size(1) + max(map(len, group))))
+                micro += [group_batch(prompt, group[a:a + n], stops, image_token,
+                                      advantages[a:a + n]) for a in range(0, (not equal) * G, n)]
                 sums.update(format=parts[:, 0].sum().item(), accuracy=parts[:, 1].sum().item(),
-                            all_equal=equal.sum().item(), length=sum(map(len, completions)),
-                            truncated=sum(c[-1] not in stops for c in completions))
-            count = sum(batch[4].sum() for batch in batches).float().to(device)
-            if world > 1:
-                torch.distributed.all_reduce(count)  # the global batch's completion tokens
-            # TRL's loss_type "dapo": -sum(A * ratio) over all the batch's completion tokens /
-            # their number, ratio = p / p_old clipped to [1 - eps, 1 + eps]. With one pass per
-            # batch (num_iterations 1) p_old is p itself: the ratio is 1, the clipping inactive,
-            # and the gradient that of -sum(A * log p) / count, which is what is taken here.
+                            all_equal=equal.sum().item(), length=sum(map(len, group)),
+                            truncated=sum(c[-1] not in stops for c in group))
+            # TRL v1.0-v1.8's "dapo" loss, the paper's: -sum(A * ratio) over the unmasked
+            # tokens / all the global batch's completion tokens, cut ones too (v1.9.0
+            # counts only the unmasked). ratio = p / p_old clipped to [1 - eps, 1 + eps];
+            # one pass per batch: p_old is p, the gradient that of -sum(A * log p) / count.
+            count = torch.tensor(float(sums["length"]), device=device)
+            passes = torch.tensor(len(micro), device=device)
+            if world > 1:  # the global batch's completion tokens; the most passes of a process
+                torch.distributed.all_reduce(count)
+                torch.distributed.all_reduce(passes, op=torch.distributed.ReduceOp.MAX)
+            # the processes keep in step (DDP's and FSDP2's collectives): each runs as many
+            # passes, the spare ones with advantages 0
+            spare = group_batch(groups[0][1], completions[:1], stops, image_token, torch.zeros(1))
+            micro += [spare] * (passes.item() - len(micro))
             objective.train()  # there is no dropout: this only lets gradient checkpointing act
             summed = torch.zeros((), device=device)  # sum(A * log p), read once after the loop
-            for micro, tensors in enumerate(batches):
-                if world > 1:  # DDP: gradients all-reduced at the last group
-                    objective.require_backward_grad_sync = micro == len(batches) - 1
+            for m, tensors in enumerate(micro):
+                if world > 1:  # DDP: gradients all-reduced at the last micro-batch
+                    objective.require_backward_grad_sync = m == len(micro) - 1
                 with autocast:
-                    group_sum = objective(*(t if t is None else t.to(device) for t in tensors))
-                (-group_sum * world / count.clamp(min=1)).backward()  # DDP, FSDP2: rank mean
-                summed += group_sum.detach().float()
+                    micro_sum = objective(*(t if t is None else t.to(device) for t in tensors))
+                (-micro_sum * world / count).backward()  # DDP, FSDP2: rank mean
+                summed += micro_sum.detach().float()
                 sums["update_tokens"] += tensors[1].sum().item()  # real tokens of the pass
             grad_norm = common.value(torch.nn.utils.clip_grad_norm_(params, 1.0))
             sums["loss"] = -summed.item()  # this rank's part of the loss's numerator
@@ -240,8 +302,8 @@ def main(args):
                 common.log(out, {
                     "step": done, "reward": shares["format"] + shares["accuracy"], **shares,
                     "all_equal": sums["all_equal"] / args.prompts,  # share of groups
-                    "loss": sums["loss"] / max(count.item(), 1), "grad_norm": grad_norm,
-                    "sample_tokens_per_s": sums["length"] / seconds[0],
+                    "skipped": int(sums["skipped"]), "loss": sums["loss"] / count.item(),
+                    "grad_norm": grad_norm, "sample_tokens_per_s": sums["length"] / seconds[0],
                     "update_tokens_per_s": sums["update_tokens"] / seconds[1], "gates": gates})
             if done % args.save_every == 0 or done == total:
                 common.save_checkpoint(out, model, optimizer, done, run, rank)
@@ -260,22 +322,28 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="GRPO on Qwen3-VL with PVM (the paper's 2nd stage).")
+    p = argparse.ArgumentParser(description="GRPO on Qwen3-VL with PVM (the paper's 2nd stage). "
+                                "Defaults: the paper's settings but --trainable and "
+                                "--max-new-tokens, for one GPU (see their help).")
     p.add_argument("--size", choices=SIZES, default="4b",
                    help="PVM layers, checkpoint, settings; tiny: train.py's random model")
     p.add_argument("--model", help="checkpoint directory or hub id (default: --size's official)")
     p.add_argument("--init", help="PVM weights to start from (train.py's pvm.safetensors); none: "
                    "fresh (the default; tiny: out/pvm.safetensors)")
     p.add_argument("--trainable", choices=["pvm", "lm"], default="pvm",
-                   help="pvm: PVM alone; lm: the language model and PVM (the paper's)")
+                   help="pvm: PVM alone (one GPU holds it); lm: the language model too, the "
+                   "paper's (the 4B's float32 weights, gradients, AdamW: 64 GB; use torchrun)")
     p.add_argument("--data", help="eval.py's JSON-lines format (default: the built-in task)")
-    p.add_argument("--synthetic-samples", type=int, default=SYNTHETIC_SAMPLES,
-                   help="size of the built-in task")
+    p.add_argument("--synthetic-samples", type=int, default=SYNTHETIC_SAMPLES, help="built-in's")
     p.add_argument("--out", default="out/grpo", help="directory for weights, state.pt, log")
     p.add_argument("--resume", action="store_true", help="continue from --out/state.pt")
     p.add_argument("--prompts", type=int, default=8, help="prompts per step, over all processes")
     p.add_argument("--samples", type=int, default=8, help="samples per prompt: a group")
-    p.add_argument("--max-new-tokens", type=int, help="completions' limit (default 512; tiny 8)")
+    p.add_argument("--max-new-tokens", type=int, help="completions' limit (default 4096, the "
+                   "paper's 16384 is a ~160 GB KV cache for the 4B's 64 rows; tiny 8)")
+    p.add_argument("--temperature", type=float, default=1.0, help="for sampling and log p")
+    p.add_argument("--micro-batch-tokens", type=int, default=4096,
+                   help="tokens per pass of the update and logits rows at once: its memory")
     p.add_argument("--lr", type=float, help="AdamW's constant rate (default 1e-6; tiny 1e-3)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: one epoch; tiny 60)")
     p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
@@ -291,6 +359,8 @@ def parse_args(argv=None):
     args.init = None if args.init == "none" else args.init
     if args.samples == 1:  # the table refuses 0 and below
         raise ValueError("--samples must be at least 2: an advantage compares a prompt's samples")
+    if args.temperature == 0:  # the table refuses below 0
+        raise ValueError("--temperature must be positive: greedy samples of a prompt are all one")
     return common.check_options(args)
 
 

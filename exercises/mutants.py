@@ -351,9 +351,9 @@ MUTANTS = [
     Mutant(9, "grpo.PolicyObjective.forward", "every real token scored: prompts, truncated rows",
            (("predicts = loss_mask[:, 1:]", "predicts = attention_mask[:, 1:]"),)),
     Mutant(9, "grpo.PolicyObjective.forward", "a mean per sequence, not a sum over tokens",
-           (("[predicts] * logp).sum()",
-             "[predicts] * logp\n            / predicts.sum(1, keepdim=True)"
-             ".expand_as(predicts)[predicts]).sum()"),)),
+           (("weights = advantages[:, None].expand_as(predicts)[predicts]",
+             "weights = (advantages[:, None] / predicts.sum(1, keepdim=True))"
+             ".expand_as(predicts)[predicts]"),)),
     # 10: measuring visual attention dilution
     Mutant(10, "exercises.measure.layer_groups", "layers dealt out in turn (l % 3)",
            (("share.tensor_split(groups, dim=1)",

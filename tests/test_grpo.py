@@ -61,11 +61,28 @@ def multiple_of_3(text, ids, sample, kind, tokenizer):
     return 0.0, float(ids[0] % 3 == 0)
 
 
+def by_prompt(model, input_ids, attention_mask, pixel_values, image_grid_thw, seed, **options):
+    """generate_batch one prompt at a time, each seeded by its own tokens: samples that depend on
+    the prompt alone, not on which process draws them (grpo.py seeds a process's batch), so that
+    two processes can be compared with one. One image per prompt (the built-in task)."""
+    pixels = pixel_values.split(image_grid_thw.prod(dim=1).tolist())
+    answers = []
+    for ids, mask, pixel_values, grid in zip(input_ids, attention_mask, pixels, image_grid_thw):
+        ids = ids[mask.bool()][None]
+        answers += SAMPLE(model, ids, None, pixel_values, grid[None],
+                          seed=hash(tuple(ids[0].tolist())) % 2**62, **options)
+    return answers
+
+
+SAMPLE = grpo.generate_batch
+
+
 def prepare(setattr=setattr):
-    """grpo.main with even_stops models and the multiple_of_3 reward."""
+    """grpo.main with even_stops models, the multiple_of_3 reward and by_prompt's samples."""
     build = common.build_model
     setattr(common, "build_model", lambda *args: even_stops(build(*args)))
     setattr(grpo, "rewards", multiple_of_3)
+    setattr(grpo, "generate_batch", by_prompt)
 
 
 def tiny_args(out, *extra):
@@ -109,19 +126,21 @@ REWARDS = {65: (0.1, 0.9), 66: (0.0, 0.0), 68: (0.0, 0.9), 71: (0.1, 0.0),
 def test_the_loss_is_the_formula_written_out(tmp_path, monkeypatch, captured):
     """-sum over rows i, tokens t of A_i * log p(t) / (completion tokens of the batch), A_i the
     reward's distance to its group's mean over the group's std (n - 1) + 1e-4; a truncated row
-    (or one holding <|image_pad|>) out of both sums; an all-equal group out of the gradient, not
-    of the count."""
+    (or one holding <|image_pad|>) out of the numerator but in the count (TRL v1.0-v1.8's "dapo"
+    normaliser, the paper's); an all-equal group out of the gradient, not of the count. The
+    update runs in passes of at most 12 tokens: one row each."""
     build = common.build_model
     monkeypatch.setattr(common, "build_model", lambda *args: opened(build(*args)))
-    monkeypatch.setattr(grpo, "generate_batch", lambda *args, seed, **kwargs: COMPLETIONS[seed])
+    monkeypatch.setattr(grpo, "generate_batch", lambda *args, seed, **kwargs: COMPLETIONS[0] +
+                        COMPLETIONS[1])
     monkeypatch.setattr(grpo, "rewards", lambda text, ids, *rest: REWARDS[ids[0]])
-    args = grpo.parse_args(tiny_args(tmp_path, "--max-steps", "1"))
+    args = grpo.parse_args(tiny_args(tmp_path, "--max-steps", "1", "--micro-batch-tokens", "12"))
     grpo.main(args)
 
     model = built(args)
     prompts, tokenizer = grpo.load_prompts(args), processor.tiny_tokenizer()
     rewards = [[1.0, 0.0, 0.9, 0.1], [1.0, 1.0, 1.0, 1.0]]
-    total, count = 0.0, 0
+    total, count = 0.0, sum(len(c) for group in COMPLETIONS for c in group)  # every token
     for sample, completions, group in zip(prompts, COMPLETIONS, rewards):
         mean = sum(group) / 4
         std = (sum((r - mean) ** 2 for r in group) / 3) ** 0.5
@@ -129,14 +148,13 @@ def test_the_loss_is_the_formula_written_out(tmp_path, monkeypatch, captured):
             if completion[-1] != IM_END or IMAGE_PAD in completion:
                 continue  # truncated, or an image's token in the completion
             advantage = 0.0 if std == 0 else (reward - mean) / (std + 1e-4)
-            ids, pixel_values, grid = encode_chat(tokenizer, grpo.prompt_messages(sample, None))
+            ids, pixel_values, grid = encode_chat(tokenizer, grpo.user_turn(sample))
             T, n = ids.size(1), len(completion)
             logits = model(torch.cat([ids, torch.tensor([completion])], dim=1), pixel_values,
                            grid)                                           # (1, T + n, V)
             logp = logits[0, T - 1:T - 1 + n].log_softmax(dim=-1)          # (n, V)
             total = total + advantage * logp[torch.arange(n), completion].sum()
-            count += n
-    assert count == 2 + 3 + 2 + (2 + 3 + 2)
+    assert count == 2 + 3 + 3 + 2 + (2 + 3 + 2 + 3)
     loss = -total / count
     loss.backward()
     expected = {id(p): p.grad for p in model.parameters() if p.requires_grad}
@@ -179,12 +197,13 @@ def test_resume_after_a_crash_gives_the_same_weights(tmp_path, monkeypatch, prep
 
     class Crash(Exception):
         pass
-    sample = grpo.generate_batch
+    sample, calls = grpo.generate_batch, []
 
-    def crash_in_step_4(*args, seed, **kwargs):
-        if seed >= 6:  # step 4 samples prompts 6 and 7
+    def crash_in_step_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # one call a step
             raise Crash()
-        return sample(*args, seed=seed, **kwargs)
+        return sample(*args, **kwargs)
     monkeypatch.setattr(grpo, "generate_batch", crash_in_step_4)
     with pytest.raises(Crash):  # after the checkpoint of step 2
         grpo.main(grpo.parse_args(tiny_args(tmp_path / "resumed", "--max-steps", "4",
@@ -233,30 +252,144 @@ def test_two_fsdp2_processes_equal_one_unsharded(tmp_path, prepared):
     two, one = run_two_and_one(tmp_path, "--trainable", "lm")
     assert two.keys() == one.keys()
     assert len(two) == 30 + 4 * 11 + 3  # PVM; the decoder layers; embeddings, norm, head
-    assert all((two[k] - one[k]).abs().max() <= 1e-6 for k in two)
+    # measured within 2.6e-6: float32 rounding of the sharded reductions, which AdamW's steps of
+    # up to lr = 1e-2 carry into the weights
+    assert all((two[k] - one[k]).abs().max() <= 5e-6 for k in two)
     exported = [load_file(tmp_path / run / "model" / "model.safetensors") for run in ("two", "one")]
-    assert all((exported[0][k] - exported[1][k]).abs().max() <= 1e-6 for k in exported[0])
+    assert all((exported[0][k] - exported[1][k]).abs().max() <= 5e-6 for k in exported[0])
 
 
-def test_the_reward_is_0_1_for_the_format_and_0_9_for_the_answer():
-    sample = {"question": "Which?", "options": ["red", "blue", "green"], "answer": "B"}
+def test_the_reward_is_the_papers():
+    """0.1 when the paper's pattern matches from the start (re.match, DOTALL); 0.9 when the
+    content of the FIRST <answer>...</answer>, stripped, is right by mathruler's grade_answer,
+    a multiple-choice answer against its letter."""
+    sample = {"question": "Which?", "options": ["red", "green", "blue"], "answer": "B"}
     cases = {  # completion -> (format, accuracy)
-        "<think>It is blue.</think><answer>B</answer>": (0.1, 0.9),
-        "<think>\nIt is blue.\n</think>\n<answer>\nB\n</answer>": (0.1, 0.9),
+        "<think>It is green.</think><answer>B</answer>": (0.1, 0.9),
+        "<think>\nIt is green.\n</think>\n<answer>\nB\n</answer>": (0.1, 0.9),
         "<think>It is red.</think><answer>A</answer>": (0.1, 0.0),
-        "<think>a <think>b</think></think><answer>B</answer>": (0.0, 0.9),  # nested
-        "<think>It is blue.</think><answer>B</answer> Sure.": (0.0, 0.9),  # something after
+        # the four the paper's pattern passes: a newline or a space after </answer>, an <answer>
+        # inside the think part (the first: A), a second opening <think>
+        "<think>x</think><answer>B</answer>\n": (0.1, 0.9),
+        "<think>x</think><answer>B</answer> ": (0.1, 0.9),
+        "<think>not <answer>A</answer> yet</think><answer>B</answer>": (0.1, 0.0),
+        "<think>a <think>b</think><answer>B</answer>": (0.1, 0.9),
+        "<think>a <think>b</think></think><answer>B</answer>": (0.0, 0.9),  # closed twice
+        "<think>x</think><answer>B</answer> Sure.": (0.0, 0.9),  # something after
+        "<think>x</think><answer>B</answer><answer>C</answer>": (0.0, 0.9),  # the first counts
+        "<think>x</think><answer>B. green</answer>": (0.1, 0.0),  # not the letter alone
+        "<think>x</think><answer>green</answer>": (0.1, 0.0),
+        "<think>x</think><answer>The answer is B</answer>": (0.1, 0.0),
         "<answer>B</answer>": (0.0, 0.9),
-        "<think>It is blue.</think>B": (0.0, 0.0),  # no <answer>: nothing to score
+        "<think>x</think>B": (0.0, 0.0),  # no <answer>: nothing to score
         "B": (0.0, 0.0),
     }
     for text, parts in cases.items():
         assert grpo.rewards(text, [], sample, "think_answer", None) == parts, text
+    fraction = {"question": "3 of 4?", "answer": "0.75"}  # an open answer: mathruler's equality
+    assert grpo.rewards("<think>x</think><answer> \\frac{3}{4} </answer>", [], fraction,
+                        "think_answer", None) == (0.1, 0.9)
     tokenizer = processor.tiny_tokenizer()  # --size tiny: the first token alone (one byte here)
     tiny = {"B": (0.0, 1.0), "Blue": (0.0, 1.0), "C": (0.0, 0.0), " B": (0.0, 0.0)}
     for text, parts in tiny.items():
         ids = tokenizer.encode(text).ids
         assert grpo.rewards(text, ids, sample, "first_token", tokenizer) == parts, text
+
+
+def test_the_papers_reward_needs_mathruler(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(grpo, "grade_answer", None)  # as eval.py sets it without mathruler
+    assert grpo.cli(["--size", "4b", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("error: the paper's accuracy reward needs mathruler: pip "
+                                       "install mathruler pylatexenc sympy\n")
+
+
+def test_a_multiple_choice_prompt_has_no_letter_only_post_prompt():
+    """The options lettered one a line after the question, and nothing after them: eval.py's
+    "Answer with the option's letter ... directly" asks for what the paper's reward scores 0."""
+    sample = {"question": "Which?", "options": ["red", "green"], "answer": "B", "images": []}
+    assert grpo.user_turn(sample) == [{"role": "user", "content": [
+        {"type": "text", "text": "Which?\nA. red\nB. green"}]}]
+
+
+def hand_batch(temperature, chunk):
+    """The tiny model (gates opened), a built-in prompt, two completions with made-up advantages;
+    the objective, its gradient, and the formula's: sum A * log softmax(logits / T)[token]."""
+    model = opened(common.build_model("tiny", 0, None, "cpu", torch.float32))
+    args = grpo.parse_args(tiny_args("unused"))
+    prompt = encode_chat(processor.tiny_tokenizer(), grpo.user_turn(grpo.load_prompts(args)[0]))
+    completions, advantages = [[65, 66, 67, IM_END], [68, IM_END]], [0.5, -2.0]
+    batch = grpo.group_batch(prompt, completions, {IM_END}, IMAGE_PAD, torch.tensor(advantages))
+    got = grpo.PolicyObjective(model, temperature, chunk)(*batch)
+    got.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    ids, pixel_values, grid = prompt
+    want, T = 0.0, ids.size(1)
+    for completion, advantage in zip(completions, advantages):
+        n = len(completion)
+        logits = model(torch.cat([ids, torch.tensor([completion])], dim=1), pixel_values, grid)
+        logp = (logits[0, T - 1:T - 1 + n] / temperature).log_softmax(dim=-1)  # (n, V)
+        want = want + advantage * logp[torch.arange(n), completion].sum()
+    want.backward()
+    return got, want, grads, [p.grad for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("chunk", [4096, 2])
+def test_the_log_probabilities_are_taken_at_the_temperature(chunk):
+    """TRL's rule: log p from logits / T. With chunks of 2 positions (recomputed in the backward
+    pass) the objective and its gradient are the same."""
+    got, want, grads, wants = hand_batch(0.7, chunk)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert abs(got.item() - hand_batch(1.0, chunk)[1].item()) > 0.1  # T matters here
+    # float32 rounding in another order, against the largest gradient entry: measured 2e-7
+    # whole, 7e-6 in chunks of 2
+    scale = max(w.abs().max() for w in wants)
+    assert all((g - w).abs().max() <= 5e-5 * scale for g, w in zip(grads, wants))
+
+
+@pytest.mark.parametrize("cap", [40, 160])
+def test_the_updates_logits_stay_within_the_token_budget(tmp_path, monkeypatch, cap):
+    """--micro-batch-tokens 16 and completions of up to `cap` tokens: no pass of the update
+    computes logits for more than 16 positions at once, yet every completion token is scored."""
+    rows, build = [], common.build_model
+
+    def hooked(*args):
+        model = opened(build(*args))
+        model.lm_head.register_forward_hook(lambda module, x, y: rows.append(y.size(0)))
+        return model
+    monkeypatch.setattr(common, "build_model", hooked)
+    completions = [[65] * (n - 1) + [IM_END] for n in (cap, cap - 1, 5, cap // 2)] * 2
+    monkeypatch.setattr(grpo, "generate_batch", lambda *args, **kwargs: completions)
+    monkeypatch.setattr(grpo, "rewards", lambda text, ids, *rest: (0.0, float(len(ids) % 2)))
+    grpo.main(grpo.parse_args(tiny_args(tmp_path, "--max-steps", "1", "--max-new-tokens",
+                                        str(cap), "--micro-batch-tokens", "16")))
+    assert max(rows) <= 16
+    assert sum(rows) >= sum(map(len, completions))  # with the recomputation in the backward
+
+
+def test_an_image_whose_body_fails_to_decode_is_skipped_and_counted(tmp_path, prepared, capsys):
+    """Headers read at the start, the body at the prompt's turn: that prompt gives way to the
+    next of the order, every step of the run is done, the skips are in the log and the file is
+    named once."""
+    from PIL import Image
+    lines = []
+    for i, color in enumerate(["red", "green", "blue"]):
+        noise = Image.effect_noise((64, 64), 64).convert("RGB")  # some bytes past the header
+        Image.blend(noise, Image.new("RGB", (64, 64), color), 0.5).save(tmp_path / f"{i}.jpg")
+        lines.append(json.dumps({"question": "Which colour?", "options": ["red", "green", "blue"],
+                                 "answer": color, "images": [f"{i}.jpg"]}))
+    whole = (tmp_path / "1.jpg").read_bytes()
+    (tmp_path / "1.jpg").write_bytes(whole[:-len(whole) // 3])  # the header reads fine
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    args = grpo.parse_args(tiny_args(tmp_path / "out", "--data", str(tmp_path / "data.jsonl"),
+                                     "--max-steps", "2"))
+    order = [sample["where"] for sample in grpo.load_prompts(args)]
+    cut = next(k for k, where in enumerate(order) if "data.jsonl:2" in where)
+    grpo.main(args)
+    log = read_log(tmp_path / "out")
+    assert [entry["step"] for entry in log] == [1, 2]
+    assert sum(entry["skipped"] for entry in log) == sum(i % 3 == cut for i in range(4))
+    assert capsys.readouterr().err.count("skipped") == 1
 
 
 def test_bad_input_names_the_problem(tmp_path):
