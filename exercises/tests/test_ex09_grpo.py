@@ -1,5 +1,5 @@
 """Exercise 9: GRPO's group advantages and policy objective (grpo.group_advantages,
-grpo.PolicyObjective.forward): the advantages against (r - group mean) / (group std + 1e-4)
+grpo.PolicyObjective.forward and weighted_logp): the advantages against (r - group mean) / (group std + 1e-4)
 written out, the std with Bessel's correction, exactly 0 in an all-equal group; the objective
 against sum A_row * log p(token) over the completion tokens, each row scored alone and unpadded."""
 import pytest
@@ -198,3 +198,37 @@ def test_the_objective_of_a_bfloat16_model_is_float32(pvm_model_bf16):
              "advantages"]
     for name, t, was in zip(names, tensors, before):
         assert torch.equal(t, was), f"PolicyObjective changed its input {name}"
+
+
+def test_log_p_is_taken_at_the_sampling_temperature(pvm_model):
+    """PolicyObjective(model, temperature=0.7): log p from logits / 0.7, the distribution the
+    completions were sampled from, against the sum written out over the batch's own logits."""
+    _, tensors = batch()
+    input_ids, attention_mask, pixel_values, grid, loss_mask, advantages = tensors
+    with torch.no_grad():
+        got = grpo.PolicyObjective(pvm_model, temperature=0.7)(*tensors)
+        hidden = pvm_model.hidden_states(input_ids, pixel_values, grid,
+                                         attention_mask=attention_mask)
+        want = 0.0
+        for row, t in torch.nonzero(loss_mask).tolist():  # token t, predicted by position t - 1
+            logp = (pvm_model.lm_head(hidden[row, t - 1]).float() / 0.7).log_softmax(dim=-1)
+            want = want + advantages[row] * logp[input_ids[row, t]]
+    close(got, want, "sum of A * log p at temperature 0.7", atol=1e-4, rtol=1e-5)
+
+
+def test_chunks_of_positions_give_the_same_objective_and_gradient(pvm_model):
+    """chunk=2: the head and log-softmax run 2 positions at a time (9 positions: 5 chunks); the
+    objective and PVM's gradient equal those of one chunk."""
+    _, tensors = batch()
+    results = []
+    for chunk in (4096, 2):
+        objective = grpo.PolicyObjective(pvm_model, chunk=chunk)(*tensors)
+        objective.backward()
+        grad = pvm_model.layers[1].pvm_block.text_reducer.weight.grad.clone()
+        pvm_model.zero_grad(set_to_none=True)
+        results.append((objective.detach(), grad))
+    (whole, whole_grad), (chunked, chunked_grad) = results
+    close(chunked, whole, "the objective in chunks of 2 positions", atol=1e-5, rtol=1e-5)
+    scale = whole_grad.abs().max().item()  # float32 sums in another order: rounding apart
+    close(chunked_grad, whole_grad, "PVM's gradient in chunks of 2 positions", atol=1e-4 * scale,
+          rtol=1e-4)
