@@ -12,7 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 BUDGET = {  # code lines per runtime file
-    "model.py": 280, "vision.py": 150, "pvm.py": 90, "load_qwen.py": 200, "train.py": 170,
+    # model.py from 280: a chat's later turn continues the KV cache, images and PVM bank included
+    "model.py": 285, "vision.py": 150, "pvm.py": 90, "load_qwen.py": 200, "train.py": 170,
     "generate.py": 170, "processor.py": 100, "data.py": 150,
     # raised from 160: the checkpoint's log cut-back on resume, FSDP2's helpers and the model's
     # checkpoint and tokenizer of a size, written here once in place of three scripts
@@ -22,7 +23,7 @@ BUDGET = {  # code lines per runtime file
     "grpo.py": 225,    # named sums; both files are reworked next, to the paper's protocols
 }
 READ_PATH = ("model.py", "vision.py", "pvm.py", "train.py", "generate.py")
-READ_PATH_BUDGET, RUNTIME_BUDGET = 860, 2250  # the runtime's from 2150, with the four above
+READ_PATH_BUDGET, RUNTIME_BUDGET = 860, 2255  # the runtime's from 2150, with the five above
 EXPLANATION_PER_CODE_LINE = 0.3
 MEAN_CHARS = 60  # per non-blank line, indentation aside: a budget is not met by packing lines
 MAX_COLUMNS = 100
