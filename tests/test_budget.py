@@ -21,9 +21,11 @@ BUDGET = {  # code lines per runtime file
     "report.py": 225,  # from 220: a report writes only new files, refused before the model loads
     "eval.py": 305,    # from 280 and 210: the --analysis path, and GRPO's step statistics as
     "grpo.py": 225,    # named sums; both files are reworked next, to the paper's protocols
+    "chat.py": 170,    # the terminal and the browser chat (its page, chat.html: PAGE_LINES)
 }
 READ_PATH = ("model.py", "vision.py", "pvm.py", "train.py", "generate.py")
-READ_PATH_BUDGET, RUNTIME_BUDGET = 860, 2255  # the runtime's from 2150, with the five above
+# the runtime's from 2150, with the five above and chat.py's 170
+READ_PATH_BUDGET, RUNTIME_BUDGET = 860, 2425
 EXPLANATION_PER_CODE_LINE = 0.3
 MEAN_CHARS = 60  # per non-blank line, indentation aside: a budget is not met by packing lines
 MAX_COLUMNS = 100
