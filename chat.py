@@ -14,6 +14,7 @@ the turns so far (docs/PVM.md). The page (chat.html) is served by FastAPI; what 
 stays in memory. Left out on purpose: several conversations at once, editing earlier turns.
 """
 import argparse
+import asyncio
 import contextlib
 import io
 import json
@@ -22,6 +23,7 @@ import sys
 import threading
 from base64 import b64decode
 from pathlib import Path
+from queue import Queue
 
 import torch
 from tokenizers.decoders import DecodeStream
@@ -126,7 +128,6 @@ def terminal(chat, images, read=input, write=print):
             if line == "/clear":
                 chat.clear()
                 images = []
-                write("(a new conversation)")
             elif line.startswith("/image "):
                 images.append(load_image(line[len("/image "):].strip()))
             elif line:
@@ -151,19 +152,33 @@ def web_app(chat, settings):
     app, busy = FastAPI(), threading.Lock()  # one answer at a time: the model is one
 
     def stream(answer):
-        """(token, share) pairs as server-sent events; Starlette runs the generator in a thread,
-        one step per event, and drops it when the client leaves: the answer stops there."""
-        def events():
-            if busy.locked():
-                yield sse({"wait": "another answer is being written; yours comes next"})
-            with busy, contextlib.closing(answer):
+        """(token, share) pairs as server-sent events. A thread of their own writes them and
+        holds the model; a client that leaves stops it after the token being written. (A
+        generator handed to Starlette would be left suspended, never closed, holding it.)"""
+        queue, stop = Queue(), threading.Event()
+
+        def work():
+            with busy, contextlib.closing(answer):  # the answer's hooks go with it
                 decoder = DecodeStream(skip_special_tokens=True)
                 try:
                     for token, share in answer:
                         text = decoder.step(chat.tokenizer, token) or ""
-                        yield sse({"text": text, "token": token, "share": share})
+                        queue.put({"text": text, "token": token, "share": share})
+                        if stop.is_set():
+                            break
                 except (ValueError, OSError) as e:  # a turn over the context, say
-                    yield sse({"error": str(e)})
+                    queue.put({"error": str(e)})
+            queue.put(None)
+
+        async def events():
+            if busy.locked():
+                yield sse({"wait": "another answer is being written; yours comes next"})
+            threading.Thread(target=work, daemon=True).start()
+            try:
+                while (event := await asyncio.to_thread(queue.get)) is not None:
+                    yield sse(event)
+            finally:  # the end, or the client gone: Starlette cancels this generator
+                stop.set()
         return StreamingResponse(events(), media_type="text/event-stream")
 
     sse = lambda event: f"data: {json.dumps(event)}\n\n"  # one server-sent event

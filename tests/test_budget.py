@@ -21,11 +21,14 @@ BUDGET = {  # code lines per runtime file
     "report.py": 225,  # from 220: a report writes only new files, refused before the model loads
     "eval.py": 305,    # from 280 and 210: the --analysis path, and GRPO's step statistics as
     "grpo.py": 225,    # named sums; both files are reworked next, to the paper's protocols
-    "chat.py": 170,    # the terminal and the browser chat (its page, chat.html: PAGE_LINES)
+    # the terminal and the browser chat (its page, chat.html: PAGE_LINES); 170, raised to 185:
+    # an answer written by a thread of its own, which a client leaving stops
+    "chat.py": 185,
 }
 READ_PATH = ("model.py", "vision.py", "pvm.py", "train.py", "generate.py")
-# the runtime's from 2150, with the five above and chat.py's 170
-READ_PATH_BUDGET, RUNTIME_BUDGET = 860, 2425
+# the runtime's from 2150, with the five above and chat.py's 185
+READ_PATH_BUDGET, RUNTIME_BUDGET = 860, 2440
+PAGE_LINES = 250  # chat.html, the chat's page: markup, style and plain JavaScript
 EXPLANATION_PER_CODE_LINE = 0.3
 MEAN_CHARS = 60  # per non-blank line, indentation aside: a budget is not met by packing lines
 MAX_COLUMNS = 100
@@ -74,6 +77,11 @@ def test_totals_within_budget():
 def test_every_runtime_file_has_a_budget():
     runtime = {p.name for p in ROOT.glob("*.py")} - {"bench.py"}
     assert runtime == set(BUDGET), f"files without a budget: {sorted(runtime - set(BUDGET))}"
+
+
+def test_chat_page_within_budget():
+    lines = len((ROOT / "chat.html").read_text().splitlines())
+    assert lines <= PAGE_LINES, f"chat.html: {lines} lines, budget {PAGE_LINES}"
 
 
 def test_no_long_lines():
