@@ -57,13 +57,17 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
 @torch.inference_mode()  # as no_grad, and lighter on each of the many small decoding ops
 def decode(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
            max_new_tokens=256, temperature=0.0, top_k=None, top_p=None, seed=None,
-           num_samples=1, stop_tokens=None, compile=False, cuda_graph=True):
+           num_samples=1, stop_tokens=None, compile=False, cuda_graph=True, cache=None):
     """Yield the tokens (B*G,) chosen at each step for the prompts input_ids (B, T), left-padded
     as attention_mask (B, T) says, G = num_samples rows per prompt, until every row has chosen a
-    stop token (by default the checkpoint's eos_token_id) or max_new_tokens have been chosen."""
+    stop token (by default the checkpoint's eos_token_id) or max_new_tokens have been chosen.
+    `cache`: a KVCache to continue, a chat's earlier turns.
+    Then input_ids are the new turn's tokens alone;
+    every token yielded but the last joins the cache."""
     B, T = input_ids.shape
     if attention_mask is not None and not bool(attention_mask[:, -1].all()):
         raise ValueError("pad the prompts on the left: every row's last token must be real")
+    T += 0 if cache is None else cache.length  # from here on: every turn's tokens
     if (room := model.config.max_position_embeddings - T) <= 0:  # the answer must fit too
         raise ValueError(f"the prompt is {T} tokens, over the model's context of {T + room}: "
                          "use smaller or fewer images, or a shorter prompt")
@@ -74,8 +78,9 @@ def decode(model, input_ids, attention_mask=None, pixel_values=None, image_grid_
     generator = torch.Generator(device).manual_seed(random.randrange(2**63) if seed is None
                                                     else seed)
     # room for the prompt and one token; reserve() below makes more as the answers grow
-    cache = KVCache(model.config, B, T + max_new_tokens, device,
-                    model.embed_tokens.weight.dtype, capacity=T + 1)
+    cache = cache or KVCache(model.config, B, T + max_new_tokens, device,
+                             model.embed_tokens.weight.dtype, capacity=T + 1)
+    cache.reserve(T + 1)
     # compiled once, for every batch size and capacity: the sizes are symbols in the graph
     step = torch.compile(decode_step, fullgraph=True, dynamic=True) if compile else decode_step
     next_logits = partial(step, model, cache=cache)  # tokens (B*G, 1) -> logits (B*G, V)

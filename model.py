@@ -231,10 +231,13 @@ class Qwen3VL(nn.Module):
             mask = self.prompt_mask(attention_mask, x)
             if cache is not None:
                 cache.start(x.size(1), attention_mask, next_position)
-        else:  # tokens that follow the cached ones
-            positions, mask = cache.extend(input_ids.size(1), x.dtype)
+        else:  # tokens that follow the cached ones; a chat's later turn may bring images, laid
+            # out as in a whole prompt from the next position on (None: text, counting up)
+            layout = None if pixel_values is None else rope_positions(
+                input_ids, image_grid_thw, None, self.config.image_token_id)
+            positions, mask = cache.extend(input_ids.size(1), x.dtype, layout)
         cos, sin = self.rotary(positions, x.dtype)
-        pvm_inputs = self.pvm_inputs(x, is_image, cache)
+        pvm_inputs = self.pvm_inputs(x, is_image, cache, pixel_values is not None)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and x.requires_grad:
                 # keep only the layer's input; its insides are recomputed during backward
@@ -271,18 +274,21 @@ class Qwen3VL(nn.Module):
         angles = position.float() * inv_freq                               # (B, T, hd)
         return angles.cos().to(dtype)[:, :, None], angles.sin().to(dtype)[:, :, None]
 
-    def pvm_inputs(self, x, is_image, cache):
+    def pvm_inputs(self, x, is_image, cache, new_images):
         """What the PVM blocks read: the visual bank (B, Nv, D) with its mask (B, Nv), and which
         query positions are image tokens (B, T). The bank is the image embeddings as they enter
-        the decoder, taken once per prompt and kept in the cache for every later step."""
+        the decoder, taken at the prompt and kept in the cache for every later step; a later
+        chat turn's images join it (the bank has no order: PVM's attention has no positions)."""
         if not self.config.pvm_layers:  # set by pvm.attach_pvm
             return None
-        if cache is not None and cache.pvm_bank is not None:
+        if cache is not None and cache.pvm_bank is not None and not new_images:
             return (*cache.pvm_bank, is_image)
         per_sample = [x[b][is_image[b]] for b in range(x.size(0))]         # B x (Nv_b, D)
         bank = nn.utils.rnn.pad_sequence(per_sample, batch_first=True)     # (B, Nv, D)
         lengths = torch.tensor([len(s) for s in per_sample], device=x.device)
         bank_mask = torch.arange(bank.size(1), device=x.device) < lengths[:, None]  # (B, Nv)
+        if cache is not None and cache.pvm_bank is not None:  # earlier turns' images first
+            bank, bank_mask = (torch.cat(p, 1) for p in zip(cache.pvm_bank, (bank, bank_mask)))
         if cache is not None:
             cache.pvm_bank = (bank, bank_mask)
         return bank, bank_mask, is_image
@@ -343,10 +349,11 @@ class KVCache:
         self.filled = torch.tensor([T], device=self.key_mask.device)
         self.length, self.attended, self.next_position = T, T, next_position
 
-    def extend(self, T, dtype):
+    def extend(self, T, dtype, layout=None):
         """Make room for T new tokens: their slots, rotary positions (3, B, T) and additive mask
         (B, 1, g*T, capacity). Everything advances in place on the device, so that a recorded
-        CUDA graph advances too on every replay."""
+        CUDA graph advances too on every replay. `layout`: rope_positions' (positions from 0,
+        next position) for new tokens that hold images; without it, text counts up."""
         if not torch.compiler.is_compiling():  # a clear error where Python runs the step
             if self.length + T > self.capacity:
                 grow = "" if self.capacity == self.max_len else "; reserve() makes room"
@@ -356,10 +363,11 @@ class KVCache:
         B, new = self.key_mask.size(0), torch.arange(T, device=self.key_mask.device)
         self.slots = self.filled + new                                       # (T,)
         self.key_mask.index_fill_(1, self.slots, True)
-        positions = (self.next_position[:, None] + new).expand(3, B, T)      # (3, B, T)
+        relative, advance = layout or (new.expand(3, B, T), T)
+        positions = self.next_position[:, None] + relative                   # (3, B, T)
         mask = causal_mask(self.key_mask, self.slots, self.groups, dtype)    # (B, 1, g*T, S)
         self.filled += T
-        self.next_position += T
+        self.next_position += advance
         self.attended = self.capacity
         return positions, mask
 

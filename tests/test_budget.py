@@ -12,7 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 BUDGET = {  # code lines per runtime file
-    "model.py": 280, "vision.py": 150, "pvm.py": 90, "load_qwen.py": 200, "train.py": 170,
+    # model.py from 280: a chat's later turn continues the KV cache, images and PVM bank included
+    "model.py": 285, "vision.py": 150, "pvm.py": 90, "load_qwen.py": 200, "train.py": 170,
     "generate.py": 170, "processor.py": 100, "data.py": 150,
     # raised from 160: the checkpoint's log cut-back on resume, FSDP2's helpers and the model's
     # checkpoint and tokenizer of a size, written here once in place of three scripts
@@ -22,9 +23,14 @@ BUDGET = {  # code lines per runtime file
     # from 210 and 225: the paper's rewards, prompt and loss, passes bounded by tokens, one
     # batched sampling call, all-equal groups skipped, images that fail to decode skipped
     "grpo.py": 270,
+    # the terminal and the browser chat (its page, chat.html: PAGE_LINES); 170, raised to 185:
+    # an answer written by a thread of its own, which a client leaving stops
+    "chat.py": 185,
 }
 READ_PATH = ("model.py", "vision.py", "pvm.py", "train.py", "generate.py")
-READ_PATH_BUDGET, RUNTIME_BUDGET = 860, 2295  # the runtime's from 2150, with the five above
+# the runtime's from 2150: the raises above (common, report, eval, grpo, model) and chat.py's
+READ_PATH_BUDGET, RUNTIME_BUDGET = 860, 2485
+PAGE_LINES = 250  # chat.html, the chat's page: markup, style and plain JavaScript
 EXPLANATION_PER_CODE_LINE = 0.3
 MEAN_CHARS = 60  # per non-blank line, indentation aside: a budget is not met by packing lines
 MAX_COLUMNS = 100
@@ -73,6 +79,11 @@ def test_totals_within_budget():
 def test_every_runtime_file_has_a_budget():
     runtime = {p.name for p in ROOT.glob("*.py")} - {"bench.py"}
     assert runtime == set(BUDGET), f"files without a budget: {sorted(runtime - set(BUDGET))}"
+
+
+def test_chat_page_within_budget():
+    lines = len((ROOT / "chat.html").read_text().splitlines())
+    assert lines <= PAGE_LINES, f"chat.html: {lines} lines, budget {PAGE_LINES}"
 
 
 def test_no_long_lines():

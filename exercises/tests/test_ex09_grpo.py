@@ -1,7 +1,8 @@
 """Exercise 9: GRPO's group advantages and policy objective (grpo.group_advantages,
-grpo.PolicyObjective.forward and weighted_logp): the advantages against (r - group mean) / (group std + 1e-4)
-written out, the std with Bessel's correction, exactly 0 in an all-equal group; the objective
-against sum A_row * log p(token) over the completion tokens, each row scored alone and unpadded."""
+grpo.PolicyObjective.forward and weighted_logp): the advantages against (r - group mean) /
+(group std + 1e-4) written out, the std with Bessel's correction, exactly 0 in an all-equal
+group; the objective against sum A_row * log p(token) over the completion tokens, each row
+scored alone and unpadded."""
 import pytest
 import torch
 
