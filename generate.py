@@ -244,6 +244,10 @@ def main(args):
     n, prefill = len(tokens) - 1, times[1] - times[0]
     print(f"prompt {input_ids.size(1)} tokens | prefill {prefill * 1000:.0f} ms | decode {n} "
           f"tokens at {n / (times[-1] - times[1] or 1):.1f} tokens/s", file=sys.stderr)
+    # no stop token and fewer tokens than asked: the context was full
+    if len(tokens) < args.max_new_tokens and tokens[-1] not in model.config.eos_token_ids:
+        context = model.config.max_position_embeddings
+        print(f"note: the context ({context} tokens) cut the answer", file=sys.stderr)
 
 
 cli = common.command(main, parse_args)

@@ -149,3 +149,14 @@ def test_a_reader_that_stops_reading_ends_it_quietly(processes):
     process.wait(timeout=120)
     assert process.stderr.read() == ""
     assert process.returncode == 141  # as a process that SIGPIPE ends
+
+
+def test_an_answer_cut_by_the_context_says_so(bad_files, capsys):
+    """A prompt that nearly fills a context of 100 tokens leaves room for a few: the answer
+    stops there, exit status 0, and stderr says that the context, not --max-new-tokens, cut it."""
+    prompt = " ".join(["word"] * 80)
+    status = generate.cli(["--model", str(bad_files / "short_context"), "--prompt", prompt,
+                           "--temperature", "0", "--max-new-tokens", "50"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert err.strip().splitlines()[-1] == "note: the context (100 tokens) cut the answer"
