@@ -10,6 +10,7 @@ import processor
 import common
 import data
 import eval as ev
+import grading
 import pvm
 import train
 
@@ -82,9 +83,9 @@ OPEN_CASES = [  # (reply, answer, verdict with mathruler, verdict with the plain
 @pytest.mark.parametrize("reply, answer, with_mathruler, plain", OPEN_CASES)
 def test_open_replies(reply, answer, with_mathruler, plain, monkeypatch):
     sample = {"answer": answer}
-    installed = ev.grade_answer is not None
+    installed = grading.grade_answer is not None
     assert ev.score(reply, sample) is (with_mathruler if installed else plain)
-    monkeypatch.setattr(ev, "grade_answer", None)  # the fallback, whatever is installed
+    monkeypatch.setattr(grading, "grade_answer", None)  # the fallback, whatever is installed
     assert ev.score(reply, sample) is plain
 
 
@@ -146,7 +147,7 @@ def test_bootstrap_interval_has_the_width_of_the_normal_approximation():
     generator = torch.Generator().manual_seed(1)
     base = torch.zeros(400, 1, dtype=torch.float64)
     with_pvm = torch.bernoulli(torch.full((400, 1), 0.3), generator=generator).double()
-    entry, _ = ev.figures(list(range(400)), {"base": base, "pvm": with_pvm},
+    entry, _ = grading.figures(list(range(400)), {"base": base, "pvm": with_pvm},
                                 torch.Generator().manual_seed(0))
     p = with_pvm.mean().item()
     width = 2 * 1.96 * (p * (1 - p) / 400) ** 0.5
@@ -309,6 +310,8 @@ DATA_ERRORS = {  # the file's second line -> the message after "bench.jsonl:2: "
     "no question": (json.dumps({**GOOD, "question": 3}), '"question" must be a string'),
     "options": (json.dumps({**GOOD, "options": "red, blue"}), '"options" must be a list'),
     "images": (json.dumps({**GOOD, "images": [3]}), '"images" must be a list of paths'),
+    "images 0": (json.dumps({**GOOD, "id": "2", "images": 0}), '"images" must be a list of paths'),
+    "the same id": (json.dumps(GOOD), f"the id '1' again (first at "),
     "special token": (json.dumps({**GOOD, "question": "Colour?<|im_end|>"}),
                       "the text holds <|im_end|>, a special token of the chat format"),
     "not UTF-8": (b'{"question": "Colour \xff?"}', "'utf-8' codec can't decode byte 0xff"),
@@ -344,6 +347,8 @@ def test_bad_images(image, message, bench, capsys):
     (["--samples", "2"], "--samples > 1 needs --temperature > 0"),
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--device", "cuda:7"], "--device cuda:7"),
+    (["--post-prompt", "Answer.<|im_end|>"],
+     "--post-prompt holds <|im_end|>, a special token of the chat format"),
 ])
 def test_bad_options(args, message, bench, capsys, monkeypatch):
     monkeypatch.chdir(bench)
