@@ -82,6 +82,7 @@ def check_sample(record, root, where, benchmark, seen):
             "benchmark": str(record.get("benchmark", benchmark)),
             "images": [str(root / image) for image in images],  # absolute ones stay so
             "question": question, "options": options, "answer": letter or str(answer),
+            "category": None if record.get("category") is None else str(record["category"]),
             "where": where}
 
 
