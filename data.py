@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from processor import chat_text, content_parts, encode_chat_for_training, framing_token
-from vision import MERGE, PATCH, smart_resize
+from vision import MERGE, PATCH, open_image, smart_resize
 
 LLAVA_ROLES = {"human": "user", "gpt": "assistant"}  # any other role ("system") keeps its name
 CHAT_ROLES = ("system", "user", "assistant")
@@ -152,7 +152,7 @@ def synthetic_sample(rng):
 def image_tokens(image, where):
     """Visual tokens an image will give, from its size alone (a path: only the header is read)."""
     try:
-        with nullcontext(image) if isinstance(image, Image.Image) else Image.open(image) as f:
+        with nullcontext(image) if isinstance(image, Image.Image) else open_image(image) as f:
             height, width = smart_resize(f.height, f.width)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         # missing, not an image, an aspect ratio over 200, a decompression bomb (by its header)

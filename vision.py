@@ -12,6 +12,7 @@ Shape legend: N patches of all images together, n patches of one image, C vision
 h, w patch-grid rows / columns of one image, D the text decoder width.
 """
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -51,12 +52,20 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+def open_image(path):
+    """PIL's lazy open of an image file (the header is read, the pixels when needed), refusing
+    what is not a regular file: PIL would wait on a FIFO (named pipe) or a device forever."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise OSError(f"{path} is not a regular file")  # the callers name it an unreadable image
+    return Image.open(path)
+
+
 def load_image(path):
     """Open and fully decode an image file, upright and RGB, as the reference's load_image does
     (EXIF rotation applied; for files, transparency is dropped rather than composited). A
     missing, unreadable or truncated file raises ValueError naming the file."""
     try:
-        image = Image.open(path)
+        image = open_image(path)
         image.load()  # PIL decodes lazily: force it here so a truncated file fails now
         return ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # missing ones too

@@ -10,6 +10,7 @@ import processor
 import common
 import data
 import eval as ev
+import grading
 import pvm
 import train
 
@@ -18,39 +19,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 COLOURS = {"options": ["red", "green", "blue", "yellow"], "answer": "C"}
 SHAPES = {"options": ["square", "circle", "triangle"], "answer": "A"}
 SHADES = {"options": ["red", "dark red", "pink"], "answer": "dark red"}  # given as the text
-MC_CASES = [  # (reply, sample, verdict)
+MC_CASES = [  # (reply, sample, verdict); the letters read: test_lmms_eval_agreement.py
     ("C", COLOURS, True),
-    ("C.", COLOURS, True),
-    ("c", COLOURS, True),
-    ("(C)", COLOURS, True),
     ("The answer is (C).", COLOURS, True),
-    ("The answer is C", COLOURS, True),
-    ("**Answer:** C", COLOURS, True),
-    ("C. blue", COLOURS, True),
-    ("C: blue", COLOURS, True),
-    ("Option C", COLOURS, True),
-    ("The correct option is C.", COLOURS, True),
-    ("The answer is option C.", COLOURS, True),
-    ("blue", COLOURS, True),
-    ("The shape is blue.", COLOURS, True),
-    ("Looking at the image, the shape is clearly filled in blue.\n\nThe answer is C.", COLOURS,
-     True),
-    ("Option (A) is not right; the colour is (C).", COLOURS, True),
-    ("<think>Maybe (A) red? No: the fill is blue.</think>\n<answer>C</answer>", COLOURS, True),
-    ("<think>The answer is C.</think><answer>B</answer>", COLOURS, False),
-    ("the shape looks blue to me</think>\n\nC", COLOURS, True),  # the prompt opened <think>
-    ("<think>It is blue, so C. Let me check the edges again and", COLOURS, False),  # cut off
-    ("A", COLOURS, False),
-    ("The answer is (B), not C.", COLOURS, False),
-    ("E", COLOURS, False),  # no such option
-    ("The answer is E.", COLOURS, False),
-    ("I cannot tell from this image.", COLOURS, False),
+    ("C is correct", COLOURS, True),
+    ("I think C, not A", COLOURS, False),  # lmms-eval reads A: the reply's last letter
+    ("blue", COLOURS, False),  # no letter: lmms-eval's shared parser reads none
+    ("The answer is E.", COLOURS, False),  # no such option
     ("", COLOURS, False),
-    ("A circle.", SHAPES, False),  # "A" the article: the option named is B
-    ("A square.", SHAPES, True),  # right by the option's text, not by the article
-    ("The shape is dark red.", SHADES, True),  # the longer option, though "red" matches too
-    ("It is red.", SHADES, False),
-    ("B", SHADES, True),
+    ("B", SHADES, True),  # the answer given as the option's text is its letter
+    ("B", {**SHADES, "benchmark": "MMMU_val"}, True),
+    # MMMU's parser, no letter in a reply of over 5 words: the option named last, "red" here
+    ("I think it is the one drawn in dark red here.", {**SHADES, "benchmark": "MMMU_val"}, False),
 ]
 
 
@@ -76,15 +56,20 @@ OPEN_CASES = [  # (reply, answer, verdict with mathruler, verdict with the plain
     ("The answer is 4, I think, or maybe 5.", "4", False, False),  # no answer span: not graded
     ("<think>It is 4.</think><answer>5</answer>", "4", False, False),
     ("<answer></answer>", "4", False, False),
+    # lmms-eval's split on "the answer is" (mathvision_process_results): to the line's end or ". "
+    ("The answer is 12.", "12", True, True),
+    ("Three rows of four.\nThe answer is 12\nsince 3 * 4 = 12", "12", True, True),
+    ("so the answer should be 7. That is all.", "7", True, True),
+    ("the final answer is 2/1, not 1/2", "1/2", False, False),
 ]
 
 
 @pytest.mark.parametrize("reply, answer, with_mathruler, plain", OPEN_CASES)
 def test_open_replies(reply, answer, with_mathruler, plain, monkeypatch):
     sample = {"answer": answer}
-    installed = ev.grade_answer is not None
+    installed = grading.grade_answer is not None
     assert ev.score(reply, sample) is (with_mathruler if installed else plain)
-    monkeypatch.setattr(ev, "grade_answer", None)  # the fallback, whatever is installed
+    monkeypatch.setattr(grading, "grade_answer", None)  # the fallback, whatever is installed
     assert ev.score(reply, sample) is plain
 
 
@@ -109,13 +94,36 @@ def test_prompts_are_lmms_eval_s():
     assert text["text"] == "How many?\nPut the answer in \\boxed{}."
 
 
+PER_BENCHMARK = {  # benchmark -> the text of lmms-eval 0.7.3's prompt, written out from its task
+    # mmmu_val_qwen.yaml's kwargs through mmmu_doc_to_text_qwen3vl
+    "MMMU_val": "Question: What colour?\nOptions:\nA. red\nB. blue\n"
+                "Answer with the option letter only.",
+    # mmstar_qwen.yaml's kwargs through mmstar_doc_to_text (MMStar's questions hold their
+    # options as "Options: A: ..., B: ..."; the post-prompt follows them without a space)
+    "MMStar": "Question: What colour?\nOptions: A: red, B: blueAnswer with the option letter only.",
+    # mathvision_testmini.yaml's mc_prompt through mathvision_doc_to_text
+    "MathVision": 'Please solve the problem step by step and put your answer in one "\\boxed{}".'
+                  "What colour?\nChoices: A. red\nB. blue\nAnswer the question with the "
+                  "option's letter from the given choices directly.",
+}
+
+
+@pytest.mark.parametrize("benchmark", PER_BENCHMARK)
+def test_prompts_of_benchmarks_lmms_eval_has(benchmark):
+    sample = {"question": "What colour?", "options": ["red", "blue"], "images": ["a.png"],
+              "benchmark": benchmark}
+    assert ev.prompt_messages(sample, None)[0]["content"][1]["text"] == PER_BENCHMARK[benchmark]
+    open_mmmu = {**sample, "options": None, "benchmark": "MMMU_val"}
+    assert ev.prompt_messages(open_mmmu, None)[0]["content"][1]["text"] == (
+        "Question: What colour?\nOptions:\n\nPlease answer the question directly.")
+
+
 def test_builtin_samples_keep_their_prompt():
     messages = data.synthetic_sample(__import__("random").Random(3))
     sample = ev.builtin_sample(messages, "built-in sample 0")
     assert ev.prompt_messages(sample, None) == messages[:1]
     assert sample["options"] in (list(data.COLORS), list(data.SHAPES))
     assert ev.score(messages[1]["content"], sample)
-    assert ev.score(sample["options"][ord(messages[1]["content"]) - ord("A")], sample)
 
 
 def test_figures_by_benchmark_length_and_bootstrap():
@@ -134,19 +142,39 @@ def test_figures_by_benchmark_length_and_bootstrap():
     for entry in (a, b, macro):
         low, high = entry["ci95"]
         assert low <= entry["difference"] <= high and high <= 1.0
-    assert [e["tokens"] for e in summary["by_length"]] == [[1, 2], [3, 4], [5, 6], [7, 8]]
+    # quartiles within each benchmark: a's lengths are 1-4, b's 5-8, a quarter one of each
+    per_benchmark = summary["by_length_per_benchmark"]
+    assert [e["tokens"] for e in per_benchmark["a"]] == [[1, 1], [2, 2], [3, 3], [4, 4]]
+    assert [e["tokens"] for e in per_benchmark["b"]] == [[5, 5], [6, 6], [7, 7], [8, 8]]
+    assert summary["length_cuts"]["a"] == [1.75, 2.5, 3.25]
     assert [e["n"] for e in summary["by_length"]] == [2, 2, 2, 2]
-    assert summary["by_length"][0]["difference"] == pytest.approx(0.75)  # samples 0 and 1
+    # quarter 1's macro average: sample 0 (a difference of 1) and sample 4 (0), one per benchmark
+    assert summary["by_length"][0]["difference"] == pytest.approx(0.5)
+    assert per_benchmark["a"][0]["difference"] == 1 and per_benchmark["b"][0]["difference"] == 0
     assert ev.summarise(samples, {"base": base, "pvm": with_pvm}, lengths) == summary  # seeded
     same = ev.summarise(samples, {"base": base, "pvm": base.clone()}, lengths)
     assert same["macro"]["difference"] == 0 and same["macro"]["ci95"] == [0, 0]
+
+
+def test_a_benchmark_with_categories_scores_the_mean_of_their_means():
+    """MMStar's score (lmms-eval's mmstar_aggregate_results): categories x (2 right of 2) and
+    y (0 of 1) give (1 + 0) / 2, not 2 / 3; the interval resamples with the same weights."""
+    samples = [{"benchmark": "mmstar", "category": c} for c in "xxy"]
+    base = torch.tensor([[1.0], [1.0], [0.0]], dtype=torch.float64)
+    with_pvm = torch.ones(3, 1, dtype=torch.float64)
+    summary = ev.summarise(samples, {"base": base, "pvm": with_pvm}, torch.ones(3).double())
+    entry = summary["benchmarks"]["mmstar"]
+    assert entry["base"]["mean"] == 0.5 and entry["pvm"]["mean"] == 1.0
+    assert entry["difference"] == 0.5 and entry["ci95"][0] <= 0.5 <= entry["ci95"][1]
+    plain = ev.summarise([{"benchmark": "b"}] * 3, {"base": base}, torch.ones(3).double())
+    assert plain["benchmarks"]["b"]["base"]["mean"] == pytest.approx(2 / 3)
 
 
 def test_bootstrap_interval_has_the_width_of_the_normal_approximation():
     generator = torch.Generator().manual_seed(1)
     base = torch.zeros(400, 1, dtype=torch.float64)
     with_pvm = torch.bernoulli(torch.full((400, 1), 0.3), generator=generator).double()
-    entry, _ = ev.figures(list(range(400)), {"base": base, "pvm": with_pvm},
+    entry, _ = grading.figures(list(range(400)), {"base": base, "pvm": with_pvm},
                                 torch.Generator().manual_seed(0))
     p = with_pvm.mean().item()
     width = 2 * 1.96 * (p * (1 - p) / 400) ** 0.5
@@ -309,6 +337,8 @@ DATA_ERRORS = {  # the file's second line -> the message after "bench.jsonl:2: "
     "no question": (json.dumps({**GOOD, "question": 3}), '"question" must be a string'),
     "options": (json.dumps({**GOOD, "options": "red, blue"}), '"options" must be a list'),
     "images": (json.dumps({**GOOD, "images": [3]}), '"images" must be a list of paths'),
+    "images 0": (json.dumps({**GOOD, "id": "2", "images": 0}), '"images" must be a list of paths'),
+    "the same id": (json.dumps(GOOD), f"the id '1' again (first at "),
     "special token": (json.dumps({**GOOD, "question": "Colour?<|im_end|>"}),
                       "the text holds <|im_end|>, a special token of the chat format"),
     "not UTF-8": (b'{"question": "Colour \xff?"}', "'utf-8' codec can't decode byte 0xff"),
@@ -344,6 +374,8 @@ def test_bad_images(image, message, bench, capsys):
     (["--samples", "2"], "--samples > 1 needs --temperature > 0"),
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--device", "cuda:7"], "--device cuda:7"),
+    (["--post-prompt", "Answer.<|im_end|>"],
+     "--post-prompt holds <|im_end|>, a special token of the chat format"),
 ])
 def test_bad_options(args, message, bench, capsys, monkeypatch):
     monkeypatch.chdir(bench)
@@ -358,3 +390,65 @@ def test_no_data_without_the_tiny_size(tmp_path, capsys):
     assert ev.cli(["--model", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (
         "error: --data FILE is needed (or --size tiny, for the built-in task)\n")
+
+# -----------------------------------------------------------------------------
+# two checkpoints, and the checkpoint's sampling settings
+
+def checkpoint_bench(tmp_path):
+    Image.new("RGB", (64, 64), "blue").save(tmp_path / "blue.png")
+    lines = [{"images": ["blue.png"], "question": "Colour?" + " Look." * k,
+              "options": ["red", "blue"], "answer": "B"} for k in range(3)]
+    file = tmp_path / "bench.jsonl"
+    file.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return file
+
+
+def test_base_compares_two_checkpoints(tiny_untied, tmp_path, generated):
+    """--base CHECKPOINT: the base column from another checkpoint, paired as --compare's. The
+    same checkpoint twice (the second with PVM's gates at 0) is the same model: a difference of 0
+    and the same replies, base run last (the model of --model loads first: a bad --pvm fails at
+    once)."""
+    file, zero = checkpoint_bench(tmp_path), write_pvm(tmp_path / "zero.safetensors", 0.0)
+    out = tmp_path / "run"
+    assert ev.cli(["--model", str(tiny_untied), "--base", str(tiny_untied), "--data", str(file),
+                   "--max-new-tokens", "4", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["models"] == ["base", "model"] and results["base"] == str(tiny_untied)
+    assert results["macro"]["difference"] == 0 and results["macro"]["ci95"] == [0, 0]
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().split("\n")
+                   if line]
+    replies = {name: [p["response"] for p in predictions if p["model"] == name]
+               for name in ("base", "model")}
+    assert replies["base"] == replies["model"] and len(generated) == 6
+    pvm_args = ["--pvm", str(tmp_path / "nowhere.safetensors"), "--out", str(tmp_path / "bad")]
+    assert ev.cli(["--model", str(tiny_untied), "--base", str(tiny_untied), "--data", str(file),
+                   *pvm_args]) == 2
+    assert len(generated) == 6  # refused before the base model generated anything
+
+
+@pytest.mark.parametrize("options, top_k, top_p", [([], 20, 0.8), (["--top-k", "5"], 5, None)])
+def test_sampling_takes_the_checkpoint_s_settings(options, top_k, top_p, tiny_untied, tmp_path,
+                                                   monkeypatch):
+    """With --temperature > 0 and neither --top-k nor --top-p, the checkpoint's
+    generation_config.json applies (the released models: top-k 20, top-p 0.8), as lmms-eval's
+    Qwen3-VL model leaves it; results.json says what ran."""
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    for f in tiny_untied.iterdir():
+        (checkpoint / f.name).symlink_to(f)
+    (checkpoint / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8}))
+    seen, generate_batch = [], ev.generate.generate_batch
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["top_k"], kwargs["top_p"], kwargs["temperature"]))
+        return generate_batch(*args, **kwargs)
+
+    monkeypatch.setattr(ev.generate, "generate_batch", recording)
+    out = tmp_path / "run"
+    assert ev.cli(["--model", str(checkpoint), "--data", str(checkpoint_bench(tmp_path)),
+                   "--temperature", "0.7", "--max-new-tokens", "2", "--out", str(out),
+                   *options]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (results["top_k"], results["top_p"], results["temperature"]) == (top_k, top_p, 0.7)
+    assert set(seen) == {(top_k, top_p, 0.7)}
