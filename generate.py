@@ -1,18 +1,18 @@
 """
-Describe images with Qwen3-VL: one prefill over the whole prompt (the vision tower runs once),
-then one token at a time with a KV cache that grows with the answer, the text streamed as it is
-chosen.
+Describe images with Qwen3-VL: one prefill over the whole prompt (the vision
+tower runs once), then one token at a time with a KV cache that grows with the
+answer, the text streamed as it is chosen.
 
     python generate.py --image cat.jpg
     python generate.py --image a.jpg --image b.jpg --prompt "What differs?" --temperature 0
     python generate.py --image cat.jpg --report report.png      # also writes report.json
 
-`decode` is the loop: sample, yield, stop, next logits.
-`generate(...)` runs it for one prompt, a Python generator of token ids, for notebooks and
-bench.py; `generate_batch(...)` answers a batch of prompts (processor.left_pad makes one),
-several times each if asked (GRPO groups, pass@k): the decoding library that eval.py and
-grpo.py use. Below the fold: the decoding step recorded as a CUDA graph, and the command line
-(what --report draws is in report.py).
+`decode` is the loop: sample, yield, stop, next logits. `generate(...)` runs it
+for one prompt, a Python generator of token ids, for notebooks and bench.py;
+`generate_batch(...)` answers a batch of prompts (processor.left_pad makes one),
+several times each if asked (GRPO groups, pass@k): the decoding library that
+eval.py and grpo.py use. Below the fold: the decoding step recorded as a CUDA
+graph, and the command line (what --report draws is in report.py).
 
 Left out on purpose: beam search, repetition penalties, video.
 """
@@ -43,7 +43,7 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     logits = logits.float() / temperature
     if not top_k and (top_p is None or top_p >= 1.0):  # nothing filters: no sort needed
         return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
-    # likeliest first, (B, k) or (B, V); sorting only the top k is cheap for the usual k = 20
+    # likeliest first, (B, k) or (B, V): the usual top-k of 20 sorts little
     values, indices = (torch.topk(logits, min(top_k, logits.size(-1))) if top_k else
                        logits.sort(dim=-1, descending=True))
     if top_p is not None and top_p < 1.0:
@@ -61,9 +61,9 @@ def decode(model, input_ids, attention_mask=None, pixel_values=None, image_grid_
     """Yield the tokens (B*G,) chosen at each step for the prompts input_ids (B, T), left-padded
     as attention_mask (B, T) says, G = num_samples rows per prompt, until every row has chosen a
     stop token (by default the checkpoint's eos_token_id) or max_new_tokens have been chosen.
-    `cache`: a KVCache to continue, a chat's earlier turns.
-    Then input_ids are the new turn's tokens alone;
-    every token yielded but the last joins the cache."""
+    `cache`: a KVCache to continue, a chat's earlier turns;
+    input_ids are then the new turn's tokens alone,
+    and every token yielded but the last joins the cache."""
     B, T = input_ids.shape
     if attention_mask is not None and not bool(attention_mask[:, -1].all()):
         raise ValueError("pad the prompts on the left: every row's last token must be real")
