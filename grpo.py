@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 import common
 from data import SYNTHETIC_SAMPLES, image_tokens, synthetic_sample
-from eval import LETTERS, answer_letter, builtin_sample, grade_answer, prompt_messages
-from eval import read_samples, score
+from eval import builtin_sample, read_samples
+from grading import LETTERS, answer_letter, grade_answer, prompt_messages, score
 from generate import generate_batch
 from load_qwen import save_model
 from processor import encode_chat, left_pad
