@@ -3,21 +3,30 @@ Speed of our generation against transformers' generate, in one run and on the sa
 random checkpoints in the official layout, greedy, batches of B prompts (each a 448x448 image
 and 32 to 20 text tokens, left-padded), 64 new tokens per prompt. Reports prefill time and
 decode tokens/s summed over the batch, as ratios ours / theirs (median of runs), our batch's
-rate over our B = 1 rate, and whether the greedy tokens are the same; then a training step and
-a GRPO step (sampling, then the update).
+rate over our B = 1 rate, and whether the greedy tokens are the same; then a training step,
+a GRPO step (sampling, then the update), and one GRPO step of TRL's GRPOTrainer against ours.
 
     python bench.py                 # the tiny and ~110M models on this CPU, B = 1 and 8
     python bench.py --sizes 4b --train-sizes 4b --grpo-sizes 4b --device cuda --dtype bfloat16 \
         --modes plain graph compile long-cap --batch-sizes 1 8 32
+    python bench.py --sizes --train-sizes --grpo-sizes --trl-sizes tiny 110m   # against TRL
 
 Sizes: tiny (overhead-bound, as a 4B model on a GPU at batch 1), 110m (the real vocabulary,
 memory-bound on a CPU), 4b (the Qwen3-VL-4B-Instruct architecture). A development tool, not a
 test: it imports transformers, which the runtime files never do.
 """
 import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import io
 import itertools
 import json
+import random
+import shutil
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -309,6 +318,276 @@ def bench_grpo(size, args):
           f"{t_sample / (t_sample + t_update):.0%} |", flush=True)
 
 
+# -----------------------------------------------------------------------------
+# one GRPO step: TRL's GRPOTrainer against grpo.py's pieces
+
+def trl_checkpoint(size, path):
+    """A random checkpoint of `size` in `path` with what TRL's GRPOTrainer reads besides the
+    weights: the official generation, preprocessor and chat-template files and Qwen's tokenizer
+    (tests/fixtures.py rebuilds it offline). tiny: model.tiny_config, the tests' and `train.py
+    --size tiny`'s model, with the official vocabulary (the processor's token ids)."""
+    sys.path.insert(0, str(Path(__file__).parent / "tests"))
+    import fixtures
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    hf = load_qwen.hf_config(tiny_config()) if size == "tiny" else config_dict(size)
+    torch.manual_seed(0)
+    # a copy: transformers edits the nested rope dict in place
+    Qwen3VLForConditionalGeneration(Qwen3VLConfig(**copy.deepcopy(hf))).save_pretrained(path)
+    (path / "config.json").write_text(json.dumps(hf, indent=2))  # the official spelling
+    for name in ("generation_config.json", "preprocessor_config.json", "chat_template.json"):
+        shutil.copyfile(fixtures.OFFICIAL_DIR / name, path / name)
+    fixtures.build_tokenizer_json(path)
+    return path
+
+
+def builtin_prompts(P):
+    """P prompts of the built-in task (grpo.py's without --data: a 64x64 image and a lettered
+    question) after the paper's system prompt: as our chat messages, and as rows of a dataset for
+    TRL (its "image" column; TRL puts the image before the user's text, where ours has it)."""
+    import data
+    import grpo
+
+    rng, ours, rows = random.Random(0), [], []
+    for _ in range(P):
+        user = data.synthetic_sample(rng)[0]
+        image, text = user["content"][0]["image"], user["content"][1]["text"]
+        ours.append([{"role": "system", "content": grpo.SYSTEM_PROMPT}, user])
+        rows.append({"prompt": [{"role": "system", "content": grpo.SYSTEM_PROMPT},
+                                {"role": "user", "content": text}], "image": image})
+    return ours, rows
+
+
+def varied_reward(completion):
+    """The id of an answer's first token mod 3: a reward that differs within nearly every group,
+    so that both sides run the whole update (a random model scores 0 on every answer by the
+    paper's reward, and grpo.py skips all-equal groups)."""
+    return float(completion[0] % 3) if completion else 0.0
+
+
+def trl_trainer(path, rows, G, n, out, steps, mask_truncated=True):
+    """TRL's GRPOTrainer as the paper's script sets it up (loss "dapo", beta 0, G generations,
+    temperature 1, top-p 1, lr 1e-6 constant, gradient checkpointing, the vision tower frozen),
+    on the CPU in float32, one step of all the rows' P x G answers of up to n tokens."""
+    import fixtures  # on the path: trl_checkpoint
+    from datasets import Dataset
+    from transformers import Qwen3VLForConditionalGeneration
+    from trl import GRPOConfig, GRPOTrainer
+
+    def reward(completion_ids, **_):
+        return [varied_reward(c) for c in completion_ids]
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    model.model.visual.requires_grad_(False)
+    config = GRPOConfig(
+        output_dir=str(out), per_device_train_batch_size=len(rows) * G, num_generations=G,
+        max_completion_length=n, temperature=1.0, top_p=1.0, loss_type="dapo", beta=0.0,
+        mask_truncated_completions=mask_truncated, learning_rate=1e-6,
+        lr_scheduler_type="constant", max_steps=steps, gradient_checkpointing=True,
+        use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_strategy="no",
+        disable_tqdm=True)
+    return GRPOTrainer(model=model, reward_funcs=reward, args=config,
+                       train_dataset=Dataset.from_list(rows),
+                       processing_class=fixtures.reference_processor(path))
+
+
+def our_policy(path):
+    """grpo.py's `--trainable lm` on the checkpoint, without PVM (TRL's model has none): the
+    language model trained in float32, the vision tower frozen, gradient checkpointing, AdamW
+    as grpo.py sets it up. Returns model, objective, trainable parameters, optimizer."""
+    import grpo
+
+    model = load_qwen.load_model(path)
+    model.requires_grad_(True).visual.requires_grad_(False)
+    model.gradient_checkpointing = True
+    params = [p for p in model.parameters() if p.requires_grad]
+    return (model, grpo.PolicyObjective(model), params,
+            torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0))
+
+
+def our_passes(model, prompts, completions, G, stops, budget=4096):
+    """grpo.py's update passes for the answers (prompt 0's G first) to prompts, each
+    encode_chat's: advantages of varied_reward in each group, passes of whole rows within
+    `budget` tokens (--micro-batch-tokens), none for an all-equal group. stops: the tokens that
+    end an answer (an answer ending otherwise was cut: out of the loss)."""
+    import grpo
+
+    passes = []
+    for p, prompt in enumerate(prompts):
+        group = completions[p * G:(p + 1) * G]
+        rewards = torch.tensor([varied_reward(c) for c in group])
+        advantages, equal = grpo.group_advantages(rewards, G)
+        rows = max(1, budget // (prompt[0].size(1) + max(map(len, group))))
+        passes += [grpo.group_batch(prompt, group[a:a + rows], stops, model.config.image_token_id,
+                                    advantages[a:a + rows])
+                   for a in range(0, (not equal) * G, rows)]
+    return passes
+
+
+def our_backward(objective, passes, count):
+    """grpo.py's loss, -sum(A log p) / count, one backward pass per pass; returns its value."""
+    objective.train()
+    total = 0.0
+    for batch in passes:
+        part = objective(*batch)
+        (-part / count).backward()
+        total += part.item()
+    return -total / count
+
+
+def same_completions(trainer, policy, tokenizer, messages, rows, G, completions=None):
+    """TRL's loss and ours on the same answers and the same weights: TRL's own preparation
+    (_generate_and_score_completions: masks, N, advantages) with its sampler replaced by the
+    given answers (None: TRL samples them), its compute_loss and backward; then grpo.py's
+    passes on those answers. Returns TRL's inputs and loss, the answers, our loss and N, and
+    {parameter: (our gradient, TRL's)} by the checkpoint's names; the gradients stay zeroed."""
+    model, objective = policy[:2]
+    sample, used = trainer._generate_single_turn, {}
+
+    def given(prompt_ids, images, fields):  # TRL's sampler, or the given answers
+        ids, logprobs = (sample(prompt_ids, images, fields) if completions is None
+                         else ([list(c) for c in completions], None))
+        used.update(prompts=prompt_ids, completions=ids)
+        return ids, logprobs
+
+    trainer._generate_single_turn = given
+    try:
+        trainer.model.train()
+        inputs = trainer._generate_and_score_completions([r for r in rows for _ in range(G)])
+    finally:
+        del trainer._generate_single_turn  # the class's again
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    prompts = [processor.encode_chat(tokenizer, m) for m in messages]
+    assert [p[0][0].tolist() for p in prompts for _ in range(G)] == used["prompts"], \
+        "our prompts' tokens must be TRL's"
+    answers = used["completions"]
+    stops = set(model.config.eos_token_ids) if trainer.mask_truncated_completions else {
+        c[-1] for c in answers}  # TRL keeps cut answers in the loss: count every one as ended
+    count = sum(map(len, answers))  # TRL v1.0-v1.8's N: every answer's tokens, cut ones too
+    ours = our_backward(objective, our_passes(model, prompts, answers, G, stops), count)
+    theirs = dict(trainer.model.named_parameters())
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            hf_name = load_qwen.rename(name, load_qwen.TO_CHECKPOINT)
+            ours_grad = torch.zeros_like(p) if p.grad is None else p.grad  # all groups equal
+            grads[hf_name] = (ours_grad.clone(), theirs[hf_name].grad.clone())
+    model.zero_grad(set_to_none=True)
+    trainer.model.zero_grad(set_to_none=True)
+    return dict(inputs=inputs, loss=loss.item(), completions=answers, ours=ours, count=count,
+                grads=grads)
+
+
+def fresh_peak():
+    """Free what can be freed and restart the kernel's count of this process's peak resident
+    memory (Linux); returns the resident bytes now."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap pages back to the system
+    Path("/proc/self/clear_refs").write_text("5")
+    return resident("VmRSS")
+
+
+def resident(field):
+    """/proc/self/status's VmRSS (resident now) or VmHWM (its peak since fresh_peak), bytes."""
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines()
+                if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def trl_steps(trainer):
+    """Run the trainer's steps; each step's (sampling seconds, step seconds, peak resident
+    bytes above the step's start). Sampling: TRL's _prepare_inputs (prompts, generate, rewards,
+    advantages); the step: from the trainer's on_step_begin to on_step_end (that, the loss's
+    forward and backward, clipping, AdamW)."""
+    from transformers import TrainerCallback
+
+    steps, prepare = [], trainer._prepare_inputs
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.base, self.sampling, self.start = fresh_peak(), 0.0, time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            steps.append((self.sampling, time.perf_counter() - self.start,
+                          resident("VmHWM") - self.base))
+
+    clock = Clock()
+
+    def timed_prepare(batch):
+        start = time.perf_counter()
+        inputs = prepare(batch)
+        clock.sampling += time.perf_counter() - start
+        return inputs
+
+    trainer._prepare_inputs = timed_prepare
+    trainer.add_callback(clock)
+    with contextlib.redirect_stdout(io.StringIO()):  # its summary, not a row of the table
+        trainer.train()
+    return steps
+
+
+def our_step(policy, tokenizer, messages, G, n, seed):
+    """One grpo.py step on the messages' prompts: (sampling seconds, step seconds, peak resident
+    bytes above the step's start). Sampling: encoding, one generate_batch call for all the
+    prompts' G answers of n tokens (no stop token, as TRL's random model never samples one),
+    rewards, advantages; then the passes, clipping, AdamW. Every answer counts as ended, as TRL's
+    run here keeps them all in the loss."""
+    model, objective, params, optimizer = policy
+    base, start = fresh_peak(), time.perf_counter()
+    prompts = [processor.encode_chat(tokenizer, m) for m in messages]
+    answers = generate.generate_batch(model, *processor.left_pad(prompts), max_new_tokens=n,
+                                      temperature=1.0, top_p=1.0, seed=seed, num_samples=G,
+                                      stop_tokens=())
+    passes = our_passes(model, prompts, answers, G, {c[-1] for c in answers})
+    sampled = time.perf_counter()
+    our_backward(objective, passes, sum(map(len, answers)))
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sampled - start, time.perf_counter() - start, resident("VmHWM") - base
+
+
+def bench_trl(size, args):
+    """One GRPO step of TRL's GRPOTrainer against grpo.py's, on the CPU: --trl-prompts built-in
+    prompts x --grpo-samples answers of --new-tokens tokens, the same random weights, the whole
+    language model trained. First both are fed the answers TRL samples, once, on the same
+    weights: the loss and its gradient; then --trl-steps steps each, the first a warm-up, the
+    median of the others. Every answer stays in the loss on both sides (TRL's
+    mask_truncated_completions off): a random model ends none, so the paper's setting would
+    leave nothing to learn from and ours would skip the output head."""
+    P, G, n = args.trl_prompts, args.grpo_samples, args.new_tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        path = trl_checkpoint(size, Path(tmp) / "model")
+        messages, rows = builtin_prompts(P)
+        trainer = trl_trainer(path, rows, G, n, Path(tmp) / "trl", args.trl_steps,
+                              mask_truncated=False)
+        policy, tokenizer = our_policy(path), processor.load_tokenizer(path)
+        same = same_completions(trainer, policy, tokenizer, messages, rows, G)
+        theirs = trl_steps(trainer)[1:]
+        ours = [our_step(policy, tokenizer, messages, G, n, seed)
+                for seed in range(args.trl_steps)][1:]
+    params = sum(p.numel() for p in policy[0].parameters()) / 1e6
+    o, t = ([statistics.median(step[i] for step in side) for i in range(3)]
+            for side in (ours, theirs))
+    update_o, update_t = o[1] - o[0], t[1] - t[0]
+    print(f"| {size} ({params:.0f}M) | {P} x {G} x {n} | "
+          f"{o[0]:.2f} / {t[0]:.2f} s | {o[0] / t[0]:.2f} | "
+          f"{update_o:.2f} / {update_t:.2f} s | {update_o / update_t:.2f} | "
+          f"{o[1]:.2f} / {t[1]:.2f} s | {o[1] / t[1]:.2f} ({t[1] / o[1]:.1f}x faster) | "
+          f"{o[2] / 2**20:.0f} / {t[2] / 2**20:.0f} MiB | {o[2] / t[2]:.2f} |", flush=True)
+    worst = max(((ours_g - theirs_g).abs().max() / theirs_g.abs().max().clamp(min=1e-30)).item()
+                for ours_g, theirs_g in same["grads"].values())
+    advantages = same["inputs"]["advantages"]
+    kept = same["inputs"]["completion_mask"].sum(dim=1)
+    formula = -(advantages * kept).sum().item() / same["count"]
+    print(f"  same answers, same weights: N {same['count']} ours, "
+          f"{same['inputs']['num_items_in_batch'].item()} TRL's; TRL's loss {same['loss']:.6g} "
+          f"(-sum A n / N: {formula:.6g}), ours -sum A log p / N {same['ours']:.6g}; gradients "
+          f"of {len(same['grads'])} tensors: largest difference {worst:.1e} of the tensor's "
+          f"largest entry", flush=True)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", nargs="*", default=["tiny", "110m"], choices=["tiny", "110m", "4b"],
@@ -332,7 +611,14 @@ if __name__ == "__main__":
     p.add_argument("--grpo-sizes", nargs="*", default=["tiny", "110m"],
                    choices=["tiny", "110m", "4b"],
                    help="sizes for the GRPO-step measurement (none: skip it)")
-    p.add_argument("--grpo-samples", type=int, default=8, help="answers to the GRPO step's prompt")
+    p.add_argument("--grpo-samples", type=int, default=8,
+                   help="answers to each GRPO prompt (both GRPO measurements)")
+    p.add_argument("--trl-sizes", nargs="*", default=[], choices=["tiny", "110m"],
+                   help="sizes for one GRPO step against TRL's GRPOTrainer, on the CPU (needs "
+                   "trl; default: none)")
+    p.add_argument("--trl-prompts", type=int, default=2, help="prompts of the step against TRL")
+    p.add_argument("--trl-steps", type=int, default=3,
+                   help="steps each side against TRL: a warm-up, then the median of the others")
     args = p.parse_args()
     if args.batch_sizes is None:
         args.batch_sizes = [1, 8, 32] if args.device.startswith("cuda") else [1, 8]
@@ -359,3 +645,11 @@ if __name__ == "__main__":
               "|---|---|---|---|---|")
         for size in args.grpo_sizes:
             bench_grpo(size, args)
+    if args.trl_sizes:
+        print(f"\nGRPO step, grpo.py against TRL's GRPOTrainer (ours / theirs), {args.device}, "
+              f"float32, {args.threads} threads; peak: resident memory above the step's start\n"
+              "| model | prompts x answers x tokens | sampling | ratio | update | ratio | "
+              "whole step | ratio | peak | ratio |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
+        for size in args.trl_sizes:
+            bench_trl(size, args)
