@@ -54,8 +54,9 @@ def to_rgb(image):
 
 def open_image(path):
     """PIL's lazy open of an image file (the header is read, the pixels when needed), refusing
-    what is not a regular file: PIL would wait on a FIFO (named pipe) or a device forever."""
-    if os.path.exists(path) and not os.path.isfile(path):
+    a path that is not a regular file: PIL would wait on a FIFO (named pipe) or a device
+    forever. A file object (chat.py's uploads, in memory) is opened as it is."""
+    if not hasattr(path, "read") and os.path.exists(path) and not os.path.isfile(path):
         raise OSError(f"{path} is not a regular file")  # the callers name it an unreadable image
     return Image.open(path)
 

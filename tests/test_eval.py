@@ -434,8 +434,9 @@ def test_sampling_takes_the_checkpoint_s_settings(options, top_k, top_p, tiny_un
     Qwen3-VL model leaves it; results.json says what ran."""
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
-    for f in tiny_untied.iterdir():
-        (checkpoint / f.name).symlink_to(f)
+    for f in tiny_untied.iterdir():  # its own generation_config.json: a link's would write
+        if f.name != "generation_config.json":  # through to the session's checkpoint
+            (checkpoint / f.name).symlink_to(f)
     (checkpoint / "generation_config.json").write_text(json.dumps(
         {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8}))
     seen, generate_batch = [], ev.generate.generate_batch
