@@ -43,6 +43,8 @@ AS_PROCESS = {
     "unknown model offline": (["--model", "nobody/no-such-model", "--image", CAT],
                               "nobody/no-such-model"),
     # an old loader wrote past the tensor here and died of a segmentation fault
+    # a named pipe: PIL would wait on it forever (a process here: a hang fails by time)
+    "a FIFO for an image": (["--image", "{tmp}/pipe.jpg"], "pipe.jpg is not a regular file"),
     "weights header span too long": (["--model", "{tmp}/long_span", "--image", CAT],
                                      "invalid shape, data type, or offset for tensor"),
 }
@@ -54,6 +56,7 @@ LONG = ["--image", CAT, "--max-new-tokens", "3000", "--temperature", "0"]
 def bad_files(tmp_path_factory, tiny_untied):
     tmp = tmp_path_factory.mktemp("bad_inputs")
     (tmp / "notes.jpg").write_text("not a picture\n")
+    os.mkfifo(tmp / "pipe.jpg")
     data = CAT.read_bytes()
     (tmp / "truncated.jpg").write_bytes(data[:len(data) // 2])
     # the same checkpoint with a 100-token context (cat.jpg alone is 126 visual tokens)
