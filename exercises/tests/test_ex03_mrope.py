@@ -67,15 +67,21 @@ def test_positions_equal_the_reference(name):
     equal(next_position, want_next, f"next_position of {name}")
 
 
-def test_left_padding_is_skipped():
-    """A batch: the one-image prompt left-padded to the length of the two-image prompt. Positions
-    start at 0 on the first real token; padding positions are compared nowhere."""
+def padded_batch():
+    """input_ids, grids and attention_mask of a batch: the one-image prompt left-padded to the
+    length of the two-image prompt."""
     (one, one_grid), (two, two_grid) = image_prompt([9707], (4, 6)), two_images()
     pad = two.size(1) - one.size(1)
     ids = torch.cat([torch.cat([torch.full((1, pad), 151643), one], dim=1), two])
     mask = torch.ones_like(ids)
     mask[0, :pad] = 0
-    grid = torch.cat([one_grid, two_grid])
+    return ids, torch.cat([one_grid, two_grid]), mask
+
+
+def test_left_padding_is_skipped():
+    """A batch: the one-image prompt left-padded to the length of the two-image prompt. Positions
+    start at 0 on the first real token; padding positions are compared nowhere."""
+    ids, grid, mask = padded_batch()
     positions, next_position = rope_positions(ids, grid, mask, IMAGE)
     want, want_next = reference_positions(ids, grid, mask)
     real = mask.bool()
@@ -133,12 +139,7 @@ def test_the_decoder_equals_the_reference(name, models):
 def test_positions_leave_their_inputs_unchanged():
     """rope_positions reads input_ids, image_grid_thw and attention_mask (the caller passes the
     same grid to the vision tower) and returns new tensors; a second call gives the same."""
-    (one, one_grid), (two, two_grid) = image_prompt([9707], (4, 6)), two_images()
-    pad = two.size(1) - one.size(1)
-    ids = torch.cat([torch.cat([torch.full((1, pad), 151643), one], dim=1), two])
-    mask = torch.ones_like(ids)
-    mask[0, :pad] = 0
-    grid = torch.cat([one_grid, two_grid])
+    ids, grid, mask = padded_batch()
     given = {"input_ids": ids, "image_grid_thw": grid, "attention_mask": mask}
     before = {name: t.clone() for name, t in given.items()}
     first = rope_positions(ids, grid, mask, IMAGE)
