@@ -53,8 +53,9 @@ def test_three_turns_image_ctrl_c_clear_and_ctrl_d(tiny_untied, photos, tmp_path
         if script[len(seen) - 1:len(seen)] == ["Why?"] and len(chat.ids) == chat.asked + 2:
             signal.raise_signal(signal.SIGINT)  # Ctrl-C at the third answer's second token
 
+    handler = signal.getsignal(signal.SIGINT)
     chat_py.terminal(chat, [chat_py.load_image(CAT)], read, write)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+    assert signal.getsignal(signal.SIGINT) is handler  # given back
     # at the prompt before /clear: three answered turns, each answer greedy over the whole
     # conversation (one forward, both images)
     _, _, ids, images = seen[5]

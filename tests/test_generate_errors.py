@@ -95,16 +95,21 @@ def command(args, tmp, checkpoint):
     return args if "--model" in args else ["--model", str(checkpoint), *args]
 
 
+def start(args, tmp, checkpoint):
+    """generate.py as a process, its output piped; Ctrl-C its default even where the shell that
+    started the tests ignores it (a background job): Python then turns it into KeyboardInterrupt."""
+    line = [sys.executable, str(REPO / "generate.py"), *command(args, tmp, checkpoint)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(line, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 @pytest.fixture(scope="module")
 def processes(tiny_untied, bad_files):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cases = {case: args for case, (args, _) in AS_PROCESS.items()}
-    cases |= {"ctrl-c": LONG, "closed pipe": LONG}
-    started = {}
-    for case, args in cases.items():
-        line = [sys.executable, str(REPO / "generate.py"), *command(args, bad_files, tiny_untied)]
-        started[case] = subprocess.Popen(line, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, text=True)
+    """The cases that fail at once, started together; the long answers each start in their own
+    test, so that their answer is still being written when the test acts on it."""
+    started = {case: start(args, bad_files, tiny_untied) for case, (args, _) in AS_PROCESS.items()}
     yield started
     for process in started.values():  # any a deselected test left running
         process.kill()
@@ -133,8 +138,8 @@ def test_bad_input_one_line(case, bad_files, tiny_untied, capsys, monkeypatch):
     check(status, *capsys.readouterr(), phrase.format(tmp=bad_files))
 
 
-def test_ctrl_c_ends_the_line_and_exits_130(processes):
-    process = processes["ctrl-c"]
+def test_ctrl_c_ends_the_line_and_exits_130(bad_files, tiny_untied):
+    process = start(LONG, bad_files, tiny_untied)
     begun = process.stdout.read(1)  # the answer is streaming
     process.send_signal(signal.SIGINT)
     rest, stderr = process.communicate(timeout=120)
@@ -144,9 +149,9 @@ def test_ctrl_c_ends_the_line_and_exits_130(processes):
     assert rest.endswith("\n")
 
 
-def test_a_reader_that_stops_reading_ends_it_quietly(processes):
+def test_a_reader_that_stops_reading_ends_it_quietly(bad_files, tiny_untied):
     """As `generate.py ... | head -c 1`: head reads its byte and exits."""
-    process = processes["closed pipe"]
+    process = start(LONG, bad_files, tiny_untied)
     process.stdout.read(1)
     process.stdout.close()
     process.wait(timeout=120)

@@ -224,7 +224,9 @@ def test_ctrl_c_saves_the_finished_steps_exactly(tmp_path, monkeypatch):
     step, equal bit for bit to the same run's checkpoint at that step."""
     out, argv = tmp_path / "interrupted", [*TINY, "--max-steps", "30"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Ctrl-C its default even where the tests' shell ignores it (a background job)
     process = subprocess.Popen([sys.executable, "train.py", *argv, "--out", str(out)], cwd=REPO,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while process.poll() is None and not (out / "log.jsonl").exists():
         time.sleep(0.01)
