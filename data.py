@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from processor import chat_text, content_parts, encode_chat_for_training, framing_token
+from processor import chat_text, content_parts, framing_token
 from vision import MERGE, PATCH, open_image, smart_resize
 
 LLAVA_ROLES = {"human": "user", "gpt": "assistant"}  # any other role ("system") keeps its name
@@ -194,16 +194,17 @@ def load_data(path, tokenizer, max_len, seed, eval_samples, synthetic_samples):
     return keep[:n_eval], keep[n_eval:], skipped
 
 
-def encode_sample(samples, i, tokenizer, named):
-    """Sample i of `samples` (wrapping) as training tensors, and how many were skipped for it.
-    load_data reads image headers only, so an image can still fail to decode here (a truncated
-    JPEG body, a file changed since): that sample is skipped for the next of the order, which
-    keeps every batch full, DDP ranks in step and a resumed run exact. It is named on stderr
-    once (`named` holds those named) and counted in the log."""
+def encode_sample(samples, i, encode, named):
+    """encode(sample) of sample i of `samples`, (sample, "file:line") pairs, wrapping: (the
+    sample, its tensors, how many were skipped for it). The readers check image headers only,
+    so an image can still fail to decode here (a truncated JPEG body, a file changed since):
+    that sample is skipped for the next of the order, which keeps every batch full, processes
+    in step and a resumed run exact. It is named on stderr once (`named` holds those named) and
+    counted in the log. train.py's samples and grpo.py's prompts both come through here."""
     for j in range(i, i + len(samples)):
-        messages, where = samples[j % len(samples)]
+        sample, where = samples[j % len(samples)]
         try:
-            return encode_chat_for_training(tokenizer, messages), j - i
+            return sample, encode(sample), j - i
         except ValueError as e:  # load_image's, which names the file
             if where not in named:
                 tqdm.write(f"skipped {where}: {e}", file=sys.stderr)  # above a progress bar

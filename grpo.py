@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import common
-from data import SYNTHETIC_SAMPLES, image_tokens, synthetic_sample
+from data import SYNTHETIC_SAMPLES, encode_sample, image_tokens, synthetic_sample
 from eval import builtin_sample, read_samples
 from grading import LETTERS, answer_letter, grade_answer, prompt_messages, score
 from generate import generate_batch
@@ -40,11 +40,13 @@ from pvm import load_pvm
 
 # DeepSeek-R1's template, which the R1-style GRPO recipes for vision-language models reuse
 SYSTEM_PROMPT = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant "
-    "solves it. The assistant first thinks about the reasoning process in the mind and then "
-    "provides the user with the answer. The reasoning process and answer are enclosed within "
-    "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process "
-    "here </think><answer> answer here </answer>")
+    "A conversation between User and Assistant. The user asks a "
+    "question, and the Assistant solves it. The assistant first thinks "
+    "about the reasoning process in the mind and then provides the "
+    "user with the answer. The reasoning process and answer are "
+    "enclosed within <think> </think> and <answer> </answer> tags, "
+    "respectively, i.e., <think> reasoning process here "
+    "</think><answer> answer here </answer>")
 # the paper's format pattern, verbatim, read with re.match: a trailing space, an <answer> inside
 # the think part or a second <think> still pass
 FORMAT = re.compile(r"^<think>(?:(?!</think>).)*?</think>\s*<answer>(?:(?!</answer>).)*?</answer>"
@@ -153,7 +155,7 @@ class PolicyObjective(torch.nn.Module):
 
 def load_prompts(args):
     """eval.py's samples, or the built-in task's, shuffled by the seed; bad image headers fail
-    here (a body that fails to decode is skipped later: encode_prompt)."""
+    here (a body that fails to decode is skipped later: data.encode_sample)."""
     rng = random.Random(args.seed)  # the built-in task's
     samples = read_samples(args.data) if args.data else [
         builtin_sample(synthetic_sample(rng), f"built-in sample {i}")
@@ -167,20 +169,6 @@ def load_prompts(args):
         raise ValueError(f"no prompt with an image in {args.data} for --trainable pvm")
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed))
     return [samples[i] for i in order.tolist()]
-
-
-def encode_prompt(prompts, i, tokenizer, system, named):
-    """Prompt i (wrapping) as encode_chat's tensors, and how many were skipped for it. As
-    data.encode_sample for train.py: a prompt whose image fails to decode (a truncated
-    body) gives way to the next, named on stderr once and counted in the log."""
-    for j, sample in enumerate(prompts[i % len(prompts):] + prompts[:i % len(prompts)]):
-        try:
-            return sample, encode_chat(tokenizer, system + user_turn(sample)), j
-        except ValueError as e:  # load_image's, which names the file
-            if sample["where"] not in named:
-                tqdm.write(f"skipped: {e}", file=sys.stderr)  # above the progress bar
-                named.add(sample["where"])
-    raise ValueError("no prompt's images can be decoded")
 
 
 def main(args):
@@ -197,7 +185,8 @@ def main(args):
                          "pylatexenc sympy")
     out = common.prepare_out(args.out, args.resume)
     checkpoint, tokenizer = common.checkpoint_and_tokenizer(args.size, args.model)
-    prompts = load_prompts(args)
+    # (prompt, "file:line") pairs, as data.encode_sample reads them
+    prompts = [(sample, sample["where"]) for sample in load_prompts(args)]
     # lm: float32 master weights (FSDP2 casts them to bf16 on CUDA); pvm: a bf16 backbone there
     model = common.build_model(args.size, args.seed, checkpoint, device,
                                torch.bfloat16 if cuda and not lm else torch.float32, args.grad_ckpt)
@@ -214,6 +203,7 @@ def main(args):
     fsdp, stops = lm and torch.distributed.is_initialized(), set(model.config.eos_token_ids)
     image_token = model.config.image_token_id
     system = [{"role": "system", "content": size["system"]}] if size["system"] else []
+    encode = lambda sample: encode_chat(tokenizer, system + user_turn(sample))
     total = args.max_steps or size["steps"] or -(-len(prompts) // args.prompts)  # one epoch
     # the settings a --resume must share
     run = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "max_steps",
@@ -234,7 +224,7 @@ def main(args):
             # per rank, all sampled in one batch from a seed of the run, the step and the rank
             sums, groups = Counter(), []
             for i in range(step * args.prompts + rank, (step + 1) * args.prompts, world):
-                sample, prompt, skipped = encode_prompt(prompts, i, tokenizer, system, named)
+                sample, prompt, skipped = encode_sample(prompts, i, encode, named)
                 sums["skipped"] += skipped
                 groups.append((sample, prompt))
             with common.gathered(model), autocast:

@@ -20,7 +20,6 @@ import argparse
 import math
 import sys
 import time
-from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -32,6 +31,7 @@ from tqdm import tqdm
 import common
 from data import EVAL_SAMPLES, MAX_LEN, SYNTHETIC_SAMPLES, encode_sample, load_data
 from load_qwen import save_model
+from processor import encode_chat_for_training
 
 
 class AssistantLoss(nn.Module):
@@ -67,7 +67,7 @@ def evaluate(loss_model, samples, read, device, autocast, rank, world):
     loss_model.eval()
     total = torch.zeros(2, device=device)  # loss sum, tokens
     for i in range(rank, len(samples), world):
-        input_ids, pixel_values, grid, loss_mask = (t.to(device) for t in read(samples, i)[0])
+        input_ids, pixel_values, grid, loss_mask = (t.to(device) for t in read(samples, i)[1])
         with autocast:
             total[0] += loss_model(input_ids, pixel_values, grid, loss_mask).float()
         total[1] += loss_mask[:, 1:].sum()
@@ -83,11 +83,13 @@ def main(args):
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} does not split over {world} processes")
     out = common.prepare_out(out, args.resume)
-    accum = args.batch_size // world  # samples per rank and step, one at a time: no padding
     checkpoint, tokenizer = common.checkpoint_and_tokenizer(args.size, args.model)
     held_out, train, skipped = load_data(args.data, tokenizer, args.max_len, args.seed,
                                          args.eval_samples, args.synthetic_samples)
-    read = partial(encode_sample, tokenizer=tokenizer, named=set())  # skips what fails to decode
+    # a sample's tensors, or the next one's where its image fails to decode; one at a time,
+    # batch_size / world a step on each process: no padding
+    read = partial(encode_sample, encode=partial(encode_chat_for_training, tokenizer),
+                   named=set())
     model = common.build_model(args.size, args.seed, checkpoint, device,
                                torch.bfloat16 if cuda else torch.float32, args.grad_ckpt)
     total = args.max_steps or math.ceil(len(train) / args.batch_size)  # one epoch
@@ -102,7 +104,7 @@ def main(args):
     start = common.resume(out, model, optimizer, run, rank) if args.resume else 0
     loss_model = AssistantLoss(model)
     wrapped = common.distribute(loss_model, model, device, shard=False)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)  # off: does nothing
     if rank == 0:
         # the tiny backbone, for generate.py --model; on --resume, this run's (same seed) is there
         if checkpoint is None and not (out / "backbone").is_dir():
@@ -130,7 +132,7 @@ def main(args):
             # step s takes samples s*batch .. (s+1)*batch - 1 of the shuffled order (wrapping),
             # encoded on the CPU first: their loss masks count the tokens of the loss beforehand
             picks = range(step * args.batch_size + rank, (step + 1) * args.batch_size, world)
-            batch, skips = zip(*(read(train, i) for i in picks))
+            _, batch, skips = zip(*(read(train, i) for i in picks))
             count = sum(loss_mask[:, 1:].sum() for *_, loss_mask in batch).float().to(device)
             if world > 1:
                 dist.all_reduce(count)  # the whole batch's, over all ranks
@@ -141,7 +143,7 @@ def main(args):
             for micro, tensors in enumerate(batch):
                 input_ids, pixel_values, grid, loss_mask = (t.to(device) for t in tensors)
                 if world > 1:  # all-reduce the gradients at the last micro-step only
-                    wrapped.require_backward_grad_sync = micro == accum - 1
+                    wrapped.require_backward_grad_sync = micro == len(batch) - 1
                 with autocast:
                     loss_sum = wrapped(input_ids, pixel_values, grid, loss_mask)
                 (loss_sum * world / count).backward()
