@@ -32,7 +32,7 @@ import common
 from generate import generate, sampling_defaults
 from load_qwen import load_model, resolve_checkpoint
 from model import KVCache
-from processor import encode_chat, load_tokenizer
+from processor import encode_chat, load_tokenizer, user_turn
 from pvm import load_pvm
 from report import AttentionReport
 from vision import load_image
@@ -62,9 +62,7 @@ class Chat:
     def turn(self, text, images):
         """The new turn's tokens (1, T), pixel_values, image_grid_thw: the end of the last
         answer's turn, then the user turn with its images and the generation prompt."""
-        content = [{"type": "image", "image": image} for image in images]
-        messages = [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
-        ids, pixel_values, grid = encode_chat(self.tokenizer, messages)
+        ids, pixel_values, grid = encode_chat(self.tokenizer, user_turn(images, text))
         if self.ids:  # the answer's last token unless it was <|im_end|>, which close repeats
             end = [t for t in self.ids[-1:] if t != self.close[0]] + self.close
             ids = torch.cat([torch.tensor([end]), ids], dim=1)
@@ -219,7 +217,7 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=512, help="most tokens per answer")
     p.add_argument("--temperature", type=float, help="0: greedy (default: generation_config.json)")
     p.set_defaults(top_p=None, top_k=None)  # generation_config.json's, as --temperature's
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=common.DEVICE)
     p.add_argument("--web", action="store_true", help="serve the chat page in place of a prompt")
     p.add_argument("--host", default="127.0.0.1", help="the page's address (this machine only)")
     p.add_argument("--port", type=int, default=8000, help="the page's port")

@@ -4,9 +4,11 @@ answer everywhere: the sizes and the model of a size, the processes (DDP, FSDP2)
 checks, the checkpoint (one atomic save and one exact resume for both training stages), the log,
 and the command line. Nothing here is part of the model: read model.py, pvm.py, train.py first.
 """
+import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 from contextlib import contextmanager
@@ -23,7 +25,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from load_qwen import load_model, resolve_checkpoint
+from data import SYNTHETIC_SAMPLES
+from load_qwen import load_model, resolve_checkpoint, save_model
 from model import Qwen3VL, tiny_config
 from processor import load_tokenizer, tiny_tokenizer
 from pvm import attach_pvm
@@ -40,6 +43,7 @@ SIZES = {
     "tiny": {"checkpoint": None, "pvm_layers": (1, 3), "pvm_dim": 64,
              "lr": 1e-2, "batch_size": 8, "grad_ckpt": False, "threads": 1},
 }
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # every script's default
 
 
 def tiny_model(seed):
@@ -78,12 +82,21 @@ def build_model(size, seed, checkpoint, device, dtype, grad_ckpt=None):
     model.gradient_checkpointing = size["grad_ckpt"] if grad_ckpt is None else grad_ckpt
     return model
 
+
+def save_backbone(model, folder, tokenizer, checkpoint):
+    """The model but PVM as a checkpoint directory that generate.py --model reads: the weights,
+    config, tokenizer, and the sampling settings of the checkpoint it came from, if any."""
+    save_model(model, folder)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    if checkpoint and (checkpoint / "generation_config.json").exists():
+        shutil.copy(checkpoint / "generation_config.json", folder)
+
 # -----------------------------------------------------------------------------
 # processes: one, or one per GPU under torchrun
 
-def init_process(device, size):
+def init_process(device, size, batch):
     """(rank, world, device) of this process. Under torchrun, a process group: nccl with a GPU
-    each, gloo on CPUs."""
+    each, gloo on CPUs. batch: (option, value) of a step's global batch, split over them."""
     rank, world, cuda = 0, 1, device.startswith("cuda")
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -93,6 +106,8 @@ def init_process(device, size):
         rank, world = dist.get_rank(), dist.get_world_size()
     if SIZES[size]["threads"] and not cuda:
         torch.set_num_threads(SIZES[size]["threads"])
+    if batch[1] % world:
+        raise ValueError(f"{batch[0]} {batch[1]} does not split over {world} processes")
     return rank, world, device
 
 
@@ -105,7 +120,9 @@ def distribute(objective, model, device, shard):
     """Under torchrun, the objective (a module around the model) in DDP, or with `shard` the
     model's parameters, gradients and AdamW states sharded over the processes by FSDP2; on CUDA
     with its mixed precision: the passes (sampling too) on bf16 copies of the float32 master
-    weights, the gradients reduced in float32."""
+    weights, the gradients reduced in float32 (on one GPU too, a process group of one)."""
+    if shard and "cuda" in device and not dist.is_initialized():
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     if not dist.is_initialized():
         return objective
     if not shard:
@@ -272,6 +289,34 @@ def save_interrupted(out, model, optimizer, done, start, run, rank):
 
 # -----------------------------------------------------------------------------
 # the command line
+
+def training_options(description, out, save_every, data):
+    """The options of train.py and grpo.py that mean the same in both; each adds its own."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--size", choices=SIZES, default="4b",
+                   help="PVM layers, checkpoint, defaults; tiny: a random model, kept in --out")
+    p.add_argument("--model", help="checkpoint directory or hub id (default: --size's official)")
+    p.add_argument("--data", help=f"JSON lines, {data} (default: the built-in task)")
+    p.add_argument("--synthetic-samples", type=int, default=SYNTHETIC_SAMPLES,
+                   help="size of the built-in task")
+    p.add_argument("--out", default=out, help="directory for pvm.safetensors, state.pt, log")
+    p.add_argument("--resume", action="store_true", help="continue from --out/state.pt")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: one epoch)")
+    p.add_argument("--save-every", type=int, default=save_every, help="steps between checkpoints")
+    p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction,
+                   help="gradient checkpointing (default: on but for tiny)")
+    p.add_argument("--seed", type=int, default=0, help="of PVM's init, data order, sampling")
+    p.add_argument("--device", default=DEVICE, help="cuda (the default where there is one) or cpu")
+    return p
+
+
+def parse(p, argv, sizes, names):
+    """The command line's options; those of `names` that it leaves out take their value from
+    sizes[--size]; then the table's checks (check_options)."""
+    size = sizes[p.parse_known_args(argv)[0].size]
+    p.set_defaults(**{name: size[name] for name in names})
+    return check_options(p.parse_args(argv))
+
 
 def command(main, parse_args):
     """The command of a script: a function of argv that returns the exit status. Bad input (a

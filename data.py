@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from processor import chat_text, content_parts, framing_token
+from processor import chat_text, content_parts, framing_token, user_turn
 from vision import MERGE, PATCH, open_image, smart_resize
 
 LLAVA_ROLES = {"human": "user", "gpt": "assistant"}  # any other role ("system") keeps its name
@@ -144,9 +144,8 @@ def synthetic_sample(rng):
     letters = "ABCDEF"[:len(options)]
     choices = " ".join(f"{letter}. {option}" for letter, option in zip(letters, options))
     text = f"{question} {choices}. Answer with the letter."
-    user = [{"type": "image", "image": image}, {"type": "text", "text": text}]
-    return [{"role": "user", "content": user},
-            {"role": "assistant", "content": letters[options.index(answer)]}]
+    return user_turn([image], text) + [{"role": "assistant",
+                                        "content": letters[options.index(answer)]}]
 
 
 def image_tokens(image, where):

@@ -372,7 +372,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, help="the first N samples only")
     p.add_argument("--seed", type=int, default=0, help="of sampling; with --size tiny also of the "
                    "backbone and the split, as train.py's --seed")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", default=common.DEVICE,
                    help="cuda (the default where there is one) or cpu")
     p.add_argument("--analysis", action="store_true", help="also the image's share of attention "
                    "and the logit lens at every token: analysis.json and .png (needs matplotlib; "

@@ -1,6 +1,6 @@
 """
 From replies to scores, as lmms-eval makes them: the prompts eval.py asks with, the letter or the
-answer read from a reply and its verdict (`score`: eval.py's accuracies and grpo.py's rewards),
+answer read from a reply and its verdict (`score`: eval.py's accuracies), the paper's GRPO reward,
 then the figures of a run: accuracies per benchmark, their macro average and their paired
 bootstrap, by response length too, and the table that prints them.
 """
@@ -8,6 +8,8 @@ import re
 from decimal import Decimal
 
 import torch
+
+from processor import user_turn
 
 try:  # the grader of the paper's rewards: sympy decides whether LaTeX and numbers are equal
     from mathruler.grader import grade_answer
@@ -49,9 +51,7 @@ def prompt_messages(sample, post_prompt):
     """The user turn as lmms-eval builds it: the images first, then question_text."""
     if "messages" in sample:
         return sample["messages"]
-    content = [{"type": "image", "image": image} for image in sample["images"]]
-    text = question_text(sample, post_prompt)
-    return [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
+    return user_turn(sample["images"], question_text(sample, post_prompt))
 
 # -----------------------------------------------------------------------------
 # scoring
@@ -191,6 +191,44 @@ def score(response, sample):
     if options:
         return given is not None and given == answer_letter(str(sample["answer"]), options)
     return bool(given) and bool((grade_answer or plain_grade)(given, str(sample["answer"])))
+
+# -----------------------------------------------------------------------------
+# the paper's GRPO reward and prompt (grpo.py)
+
+# DeepSeek-R1's template, which the R1-style GRPO recipes for vision-language models reuse
+SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The user asks a "
+    "question, and the Assistant solves it. The assistant first thinks "
+    "about the reasoning process in the mind and then provides the "
+    "user with the answer. The reasoning process and answer are "
+    "enclosed within <think> </think> and <answer> </answer> tags, "
+    "respectively, i.e., <think> reasoning process here "
+    "</think><answer> answer here </answer>")
+# the paper's format pattern, verbatim, read with re.match: a trailing space, an <answer> inside
+# the think part or a second <think> still pass
+FORMAT = re.compile(r"^<think>(?:(?!</think>).)*?</think>\s*<answer>(?:(?!</answer>).)*?</answer>"
+                    r"\s*$", re.S)
+
+
+def paper_reward(text, sample):
+    """(format part, accuracy part) of a completion's reward as the paper's script gives it: 0.1
+    when FORMAT matches, 0.9 when the FIRST <answer>...</answer>, stripped, is right by
+    mathruler's grade_answer (a multiple-choice answer against its letter: `B. green` is not
+    `B`). Stricter than score, which reads a reply as lmms-eval does."""
+    first, solution = re.search(r"<answer>(.*?)</answer>", text, re.S), str(sample["answer"])
+    if sample.get("options"):
+        solution = answer_letter(solution, sample["options"])
+    right = first is not None and grade_answer(first.group(1).strip(), solution)
+    return 0.1 * bool(FORMAT.match(text)), 0.9 * bool(right)
+
+
+def think_answer_turn(sample):
+    """prompt_messages without the multiple-choice post-prompt ("Answer with the option's
+    letter ... directly"): under SYSTEM_PROMPT a bare letter scores 0."""
+    options = "".join(f"\n{letter}. {option}" for letter, option in
+                      zip(LETTERS, sample.get("options") or []))
+    return prompt_messages({**sample, "question": sample["question"] + options, "options": None},
+                           None)
 
 # -----------------------------------------------------------------------------
 # figures

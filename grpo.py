@@ -15,10 +15,7 @@ pvm.safetensors, state.pt, log.jsonl, and with --trainable lm model/, a
 checkpoint directory. Left out on purpose: the reference model and its KL term
 (beta 0), several passes per batch, vLLM, LoRA.
 """
-import argparse
 import random
-import re
-import shutil
 import sys
 import time
 from collections import Counter
@@ -30,28 +27,15 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import common
-from data import SYNTHETIC_SAMPLES, encode_sample, image_tokens, synthetic_sample
+from data import encode_sample, image_tokens, synthetic_sample
 from eval import builtin_sample, read_samples
-from grading import LETTERS, answer_letter, grade_answer, prompt_messages, score
+from grading import SYSTEM_PROMPT, grade_answer, paper_reward, score, think_answer_turn
 from generate import generate_batch
-from load_qwen import save_model
 from processor import encode_chat, left_pad
 from pvm import load_pvm
 
-# DeepSeek-R1's template, which the R1-style GRPO recipes for vision-language models reuse
-SYSTEM_PROMPT = (
-    "A conversation between User and Assistant. The user asks a "
-    "question, and the Assistant solves it. The assistant first thinks "
-    "about the reasoning process in the mind and then provides the "
-    "user with the answer. The reasoning process and answer are "
-    "enclosed within <think> </think> and <answer> </answer> tags, "
-    "respectively, i.e., <think> reasoning process here "
-    "</think><answer> answer here </answer>")
-# the paper's format pattern, verbatim, read with re.match: a trailing space, an <answer> inside
-# the think part or a second <think> still pass
-FORMAT = re.compile(r"^<think>(?:(?!</think>).)*?</think>\s*<answer>(?:(?!</answer>).)*?</answer>"
-                    r"\s*$", re.S)
-PAD_ID = 0  # right-pads the completions: any token of any vocabulary (masked, never read)
+# right-pads the completions: any token of any vocabulary (masked, never read)
+PAD_ID = 0
 
 # What depends on --size (PVM's layers, the checkpoint: common.SIZES). The paper's
 # settings but max_new_tokens: its 16,384 is a ~160 GB KV cache for the 4B's 64 rows.
@@ -59,34 +43,20 @@ PAD_ID = 0  # right-pads the completions: any token of any vocabulary (masked, n
 # no reward, no gradient); its reward: the first token alone answers right; 8 tokens, so
 # that few are cut; a larger rate, to learn within minutes; no system prompt (never seen).
 RELEASED = {"lr": 1e-6, "max_new_tokens": 4096, "system": SYSTEM_PROMPT, "reward": "think_answer",
-            "init": None, "steps": None}
+            "init": None, "max_steps": None}
 SIZES = {"4b": RELEASED, "8b": RELEASED,
          "tiny": {"lr": 1e-3, "max_new_tokens": 8, "system": None, "reward": "first_token",
-                  "init": "out/pvm.safetensors", "steps": 60}}
+                  "init": "out/pvm.safetensors", "max_steps": 60}}
 
 # -----------------------------------------------------------------------------
 # rewards, advantages, the objective
 
 def rewards(text, ids, sample, kind, tokenizer):
-    """(format part, accuracy part) of one completion's reward: the paper's 0.1 for the
-    format, 0.9 when the FIRST <answer>...</answer>, stripped, is right by mathruler's
-    grade_answer (a multiple-choice answer against its letter: `B. green` is not `B`)."""
-    if kind == "first_token":  # --size tiny
+    """(format part, accuracy part) of one completion's reward: the paper's (grading.py), or
+    with --size tiny whether the first token alone answers right."""
+    if kind == "first_token":
         return 0.0, float(score(tokenizer.decode(ids[:1]), sample))
-    first, solution = re.search(r"<answer>(.*?)</answer>", text, re.S), str(sample["answer"])
-    if sample.get("options"):
-        solution = answer_letter(solution, sample["options"])
-    right = first is not None and grade_answer(first.group(1).strip(), solution)
-    return 0.1 * bool(FORMAT.match(text)), 0.9 * bool(right)
-
-
-def user_turn(sample):
-    """eval.py's user turn without its multiple-choice post-prompt ("Answer with the option's
-    letter ... directly"): under the think/answer system prompt a bare letter scores 0."""
-    options = "".join(f"\n{letter}. {option}" for letter, option in
-                      zip(LETTERS, sample.get("options") or []))
-    return prompt_messages({**sample, "question": sample["question"] + options, "options": None},
-                           None)
+    return paper_reward(text, sample)
 
 
 def group_advantages(rewards, G):
@@ -154,7 +124,8 @@ class PolicyObjective(torch.nn.Module):
 # the loop
 
 def load_prompts(args):
-    """eval.py's samples, or the built-in task's, shuffled by the seed; bad image headers fail
+    """(sample, "file:line") pairs of eval.py's samples, or the built-in task's, shuffled by the
+    seed; bad image headers fail
     here (a body that fails to decode is skipped later: data.encode_sample)."""
     rng = random.Random(args.seed)  # the built-in task's
     samples = read_samples(args.data) if args.data else [
@@ -163,30 +134,28 @@ def load_prompts(args):
     for sample in samples:
         for image in sample["images"]:
             image_tokens(image, sample["where"])
-    if args.trainable == "pvm":  # PVM adds exactly 0 without an image: nothing to learn there
+    # PVM adds exactly 0 without an image: nothing to learn there
+    if args.trainable == "pvm":
         samples = [s for s in samples if s["images"]]
     if not samples:
         raise ValueError(f"no prompt with an image in {args.data} for --trainable pvm")
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed))
-    return [samples[i] for i in order.tolist()]
+    # as data.encode_sample reads them
+    return [(samples[i], samples[i]["where"]) for i in order.tolist()]
 
 
 def main(args):
     """GRPO for --max-steps steps (default: one epoch), saving every --save-every steps."""
-    rank, world, device = common.init_process(args.device, args.size)
+    rank, world, device = common.init_process(args.device, args.size, ("--prompts", args.prompts))
     cuda, size, lm = device.startswith("cuda"), SIZES[args.size], args.trainable == "lm"
-    if args.prompts % world:
-        raise ValueError(f"--prompts {args.prompts} does not split over {world} processes")
     if args.init and not Path(args.init).is_file():  # before loading the model
-        raise ValueError(f"--init {args.init}: no such file: run `python train.py --size "
-                         f"{args.size}` first, or pass --init none")
+        raise ValueError(f"--init {args.init}: no such file: train.py first, or pass --init none")
     if size["reward"] == "think_answer" and grade_answer is None:
         raise ValueError("the paper's accuracy reward needs mathruler: pip install mathruler "
                          "pylatexenc sympy")
     out = common.prepare_out(args.out, args.resume)
     checkpoint, tokenizer = common.checkpoint_and_tokenizer(args.size, args.model)
-    # (prompt, "file:line") pairs, as data.encode_sample reads them
-    prompts = [(sample, sample["where"]) for sample in load_prompts(args)]
+    prompts = load_prompts(args)
     # lm: float32 master weights (FSDP2 casts them to bf16 on CUDA); pvm: a bf16 backbone there
     model = common.build_model(args.size, args.seed, checkpoint, device,
                                torch.bfloat16 if cuda and not lm else torch.float32, args.grad_ckpt)
@@ -194,17 +163,12 @@ def main(args):
         load_pvm(model, args.init)
     if lm:  # the paper's: the language model too, not the vision tower
         model.requires_grad_(True).visual.requires_grad_(False)
-    if lm and cuda and world == 1:  # FSDP2 on one GPU too, for its bf16 mixed precision
-        torch.distributed.init_process_group("nccl", store=torch.distributed.HashStore(),
-                                             rank=0, world_size=1)
     objective = common.distribute(PolicyObjective(model, args.temperature,
                                                   args.micro_batch_tokens), model, device, lm)
-    # FSDP2 gathers bf16 weights for sampling on CUDA; its hooks keep CUDA graphs out
-    fsdp, stops = lm and torch.distributed.is_initialized(), set(model.config.eos_token_ids)
-    image_token = model.config.image_token_id
+    stops, image_token = set(model.config.eos_token_ids), model.config.image_token_id
     system = [{"role": "system", "content": size["system"]}] if size["system"] else []
-    encode = lambda sample: encode_chat(tokenizer, system + user_turn(sample))
-    total = args.max_steps or size["steps"] or -(-len(prompts) // args.prompts)  # one epoch
+    encode = lambda sample: encode_chat(tokenizer, system + think_answer_turn(sample))
+    total = args.max_steps or -(-len(prompts) // args.prompts)  # by default one epoch
     # the settings a --resume must share
     run = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "max_steps",
            "save_every", "grad_ckpt", "device", "micro_batch_tokens")} | {"steps": total}
@@ -216,27 +180,26 @@ def main(args):
     autocast, named = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda), set()
     if rank == 0:
         print(f"{len(prompts)} prompts; {total} steps of {args.prompts} x {args.samples} samples;"
-              f" {sum(p.numel() for p in params):,} trainable parameters", file=sys.stderr)
+              f" {sum(map(torch.numel, params)):,} trainable parameters", file=sys.stderr)
     try:
         for step in tqdm(range(start, total), initial=start, total=total, disable=rank != 0):
             t0 = time.perf_counter()
             # step s takes prompts s*P .. (s+1)*P - 1 of the shuffled order (wrapping), a share
             # per rank, all sampled in one batch from a seed of the run, the step and the rank
-            sums, groups = Counter(), []
-            for i in range(step * args.prompts + rank, (step + 1) * args.prompts, world):
-                sample, prompt, skipped = encode_sample(prompts, i, encode, named)
-                sums["skipped"] += skipped
-                groups.append((sample, prompt))
+            picks = range(step * args.prompts + rank, (step + 1) * args.prompts, world)
+            samples, inputs, skips = zip(*(encode_sample(prompts, i, encode, named) for i in picks))
+            sums = Counter(skipped=sum(skips))
             with common.gathered(model), autocast:
                 completions = generate_batch(
-                    model, *left_pad([prompt for _, prompt in groups]),
+                    model, *left_pad(inputs),
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=1.0,
                     seed=(args.seed << 32) + step * world + rank, num_samples=args.samples,
-                    cuda_graph=not fsdp)
+                    # FSDP2 gathers bf16 weights on CUDA, and its hooks keep CUDA graphs out
+                    cuda_graph=not (lm and torch.distributed.is_initialized()))
             t1 = time.perf_counter()
             # the step's sums over this rank's groups, then over the ranks: see the log line
             micro, G = [], args.samples
-            for g, (sample, prompt) in enumerate(groups):
+            for g, (sample, prompt) in enumerate(zip(samples, inputs)):
                 group = completions[g * G:(g + 1) * G]
                 parts = torch.tensor([rewards(tokenizer.decode(ids), ids, sample, size["reward"],
                                               tokenizer) for ids in group])  # (G, 2)
@@ -260,13 +223,13 @@ def main(args):
                 torch.distributed.all_reduce(passes, op=torch.distributed.ReduceOp.MAX)
             # the processes keep in step (DDP's and FSDP2's collectives): each runs as many
             # passes, the spare ones with advantages 0
-            spare = group_batch(groups[0][1], completions[:1], stops, image_token, torch.zeros(1))
+            spare = group_batch(inputs[0], completions[:1], stops, image_token, torch.zeros(1))
             micro += [spare] * (passes.item() - len(micro))
             objective.train()  # there is no dropout: this only lets gradient checkpointing act
             summed = torch.zeros((), device=device)  # sum(A * log p), read once after the loop
             for m, tensors in enumerate(micro):
-                if world > 1:  # DDP: gradients all-reduced at the last micro-batch
-                    objective.require_backward_grad_sync = m == len(micro) - 1
+                # DDP all-reduces the gradients at the last micro-batch (elsewhere: unread)
+                objective.require_backward_grad_sync = m == len(micro) - 1
                 with autocast:
                     micro_sum = objective(*(t if t is None else t.to(device) for t in tensors))
                 (-micro_sum * world / count).backward()  # DDP, FSDP2: rank mean
@@ -303,30 +266,20 @@ def main(args):
     if lm:  # the model but PVM, as an official checkpoint for generate.py
         with common.gathered(model):  # FSDP2's shards: plain tensors for now
             if rank == 0:
-                save_model(model, out / "model")
-                tokenizer.save(str(out / "model" / "tokenizer.json"))
-                if checkpoint and (checkpoint / "generation_config.json").exists():
-                    shutil.copy(checkpoint / "generation_config.json", out / "model")  # sampling
+                common.save_backbone(model, out / "model", tokenizer, checkpoint)
     common.end_process()
     return model
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="GRPO on Qwen3-VL with PVM (the paper's 2nd stage). "
-                                "Defaults: the paper's settings but --trainable and "
-                                "--max-new-tokens, for one GPU (see their help).")
-    p.add_argument("--size", choices=SIZES, default="4b",
-                   help="PVM layers, checkpoint, settings; tiny: train.py's random model")
-    p.add_argument("--model", help="checkpoint directory or hub id (default: --size's official)")
+    # the defaults: the paper's settings but --trainable and --max-new-tokens (see their help)
+    p = common.training_options("GRPO on Qwen3-VL with PVM (the paper's 2nd stage).",
+                                out="out/grpo", save_every=100, data="eval.py's format")
     p.add_argument("--init", help="PVM weights to start from (train.py's pvm.safetensors); none: "
                    "fresh (the default; tiny: out/pvm.safetensors)")
     p.add_argument("--trainable", choices=["pvm", "lm"], default="pvm",
                    help="pvm: PVM alone (one GPU holds it); lm: the language model too, the "
                    "paper's (the 4B's float32 weights, gradients, AdamW: 64 GB; use torchrun)")
-    p.add_argument("--data", help="eval.py's JSON-lines format (default: the built-in task)")
-    p.add_argument("--synthetic-samples", type=int, default=SYNTHETIC_SAMPLES, help="built-in's")
-    p.add_argument("--out", default="out/grpo", help="directory for weights, state.pt, log")
-    p.add_argument("--resume", action="store_true", help="continue from --out/state.pt")
     p.add_argument("--prompts", type=int, default=8, help="prompts per step, over all processes")
     p.add_argument("--samples", type=int, default=8, help="samples per prompt: a group")
     p.add_argument("--max-new-tokens", type=int, help="completions' limit (default 4096, the "
@@ -335,23 +288,13 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch-tokens", type=int, default=4096,
                    help="tokens per pass of the update and logits rows at once: its memory")
     p.add_argument("--lr", type=float, help="AdamW's constant rate (default 1e-6; tiny 1e-3)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (default: one epoch; tiny 60)")
-    p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
-    p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction,
-                   help="gradient checkpointing (default: on but for tiny)")
-    p.add_argument("--seed", type=int, default=0, help="for PVM's init, data order, sampling")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda (the default where there is one) or cpu")
-    # --size's settings are the defaults of the options the command line leaves out
-    size = SIZES[p.parse_known_args(argv)[0].size]
-    p.set_defaults(**{name: size[name] for name in ("lr", "max_new_tokens", "init")})
-    args = p.parse_args(argv)
+    args = common.parse(p, argv, SIZES, ("lr", "max_new_tokens", "init", "max_steps"))
     args.init = None if args.init == "none" else args.init
     if args.samples == 1:  # the table refuses 0 and below
         raise ValueError("--samples must be at least 2: an advantage compares a prompt's samples")
     if args.temperature == 0:  # the table refuses below 0
         raise ValueError("--temperature must be positive: greedy samples of a prompt are all one")
-    return common.check_options(args)
+    return args
 
 
 cli = common.command(main, parse_args)

@@ -130,6 +130,12 @@ def encode(tokenizer, messages, add_generation_prompt):
     return torch.tensor([ids]), torch.cat(pixel_values), torch.cat(grids), torch.tensor([mask])
 
 
+def user_turn(images, text):
+    """The messages of one user turn: the images (paths or PIL images) first, then the text."""
+    return [{"role": "user", "content": [*({"type": "image", "image": image} for image in images),
+                                         {"type": "text", "text": text}]}]
+
+
 def encode_chat(tokenizer, messages, add_generation_prompt=True):
     """Chat messages with images -> input_ids (1, T), pixel_values (N, 1536) or None,
     image_grid_thw (images, 3) or None: what the reference processor's apply_chat_template

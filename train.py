@@ -16,7 +16,6 @@ sizes, processes, checkpoints, option checks, the command line) is in common.py;
 stage, GRPO, is grpo.py. Left out on purpose: packing samples into one sequence, data loader
 workers.
 """
-import argparse
 import math
 import sys
 import time
@@ -29,8 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from data import EVAL_SAMPLES, MAX_LEN, SYNTHETIC_SAMPLES, encode_sample, load_data
-from load_qwen import save_model
+from data import EVAL_SAMPLES, MAX_LEN, encode_sample, load_data
 from processor import encode_chat_for_training
 
 
@@ -78,10 +76,10 @@ def evaluate(loss_model, samples, read, device, autocast, rank, world):
 
 def main(args):
     """Train, save every --save-every steps and at the end, and return the model."""
-    rank, world, device = common.init_process(args.device, args.size)  # torchrun: one per GPU
+    # torchrun: a process per GPU
+    rank, world, device = common.init_process(args.device, args.size,
+                                              ("--batch-size", args.batch_size))
     cuda, size, out = device.startswith("cuda"), common.SIZES[args.size], args.out
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} does not split over {world} processes")
     out = common.prepare_out(out, args.resume)
     checkpoint, tokenizer = common.checkpoint_and_tokenizer(args.size, args.model)
     held_out, train, skipped = load_data(args.data, tokenizer, args.max_len, args.seed,
@@ -108,8 +106,7 @@ def main(args):
     if rank == 0:
         # the tiny backbone, for generate.py --model; on --resume, this run's (same seed) is there
         if checkpoint is None and not (out / "backbone").is_dir():
-            save_model(model, out / "backbone")  # PVM is not part of it
-            tokenizer.save(str(out / "backbone" / "tokenizer.json"))
+            common.save_backbone(model, out / "backbone", tokenizer, checkpoint)
         print(f"{len(train)} training and {len(held_out)} held-out samples, {skipped}; {total} "
               f"steps of {args.batch_size}; {sum(p.numel() for p in params):,} trainable "
               "parameters", file=sys.stderr)
@@ -142,8 +139,8 @@ def main(args):
             stats = torch.tensor([0.0, 0.0, sum(skips)], device=device)  # loss, tokens, skipped
             for micro, tensors in enumerate(batch):
                 input_ids, pixel_values, grid, loss_mask = (t.to(device) for t in tensors)
-                if world > 1:  # all-reduce the gradients at the last micro-step only
-                    wrapped.require_backward_grad_sync = micro == len(batch) - 1
+                # DDP all-reduces the gradients at the last micro-step only (elsewhere: unread)
+                wrapped.require_backward_grad_sync = micro == len(batch) - 1
                 with autocast:
                     loss_sum = wrapped(input_ids, pixel_values, grid, loss_mask)
                 (loss_sum * world / count).backward()
@@ -182,37 +179,19 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train PVM on a frozen Qwen3-VL (the paper's SFT).")
-    p.add_argument("--size", choices=common.SIZES, default="4b",
-                   help="PVM layers and default checkpoint; tiny: a random model, kept in --out")
-    p.add_argument("--model", help="checkpoint directory or hub id (default: --size's official)")
-    p.add_argument("--data", help="JSON-lines file, LLaVA or chat format (default: built-in task)")
-    p.add_argument("--synthetic-samples", type=int, default=SYNTHETIC_SAMPLES,
-                   help="size of the built-in task")
-    p.add_argument("--out", default="out", help="directory for pvm.safetensors, state.pt, log")
-    p.add_argument("--resume", action="store_true", help="continue from --out/state.pt")
+    p = common.training_options("Train PVM on a frozen Qwen3-VL (the paper's SFT).", out="out",
+                                save_every=500, data="LLaVA or chat format (data.py)")
     p.add_argument("--batch-size", type=int,
                    help="global batch, processes x accumulation steps (default 64; tiny 8)")
     p.add_argument("--lr", type=float, help="peak learning rate of AdamW (default 1e-4; tiny 1e-2)")
     p.add_argument("--warmup", type=float, default=0.1, help="warmup ratio of the cosine schedule")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="largest norm of a step's gradient")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (default: one epoch)")
     p.add_argument("--max-len", type=int, default=MAX_LEN, help="longer samples are skipped")
     p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations; 0: none")
     p.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES,
                    help="held-out samples, at most a tenth of the data (also with --eval-every 0)")
-    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
-    p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction,
-                   help="gradient checkpointing (default: on but for tiny)")
-    p.add_argument("--seed", type=int, default=0, help="for PVM's init, data order, built-in task")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda (the default where there is one) or cpu")
-    args = p.parse_args(argv)
-    for name in ("lr", "batch_size"):  # --size's, where the command line leaves them out
-        if getattr(args, name) is None:
-            setattr(args, name, common.SIZES[args.size][name])
-    return common.check_options(args)
+    return common.parse(p, argv, common.SIZES, ("lr", "batch_size"))
 
 
 cli = common.command(main, parse_args)

@@ -150,6 +150,21 @@ def test_sample_filters():
     assert int(generate.sample(logits)) == 1  # temperature 0: greedy
 
 
+def test_draw_draws_each_index_with_its_probability(monkeypatch):
+    """generate.draw against the law written out: 200,000 draws within 5 standard deviations of
+    each probability, and an index of probability 0 (first, inner, last) never drawn, also at
+    the uniform number's two ends, 0 and the largest below 1."""
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3, 0.0]]).repeat(200_000, 1)
+    counts = torch.bincount(generate.draw(probs, torch.Generator().manual_seed(0))[:, 0],
+                            minlength=6).double()
+    spread = 5 * (probs[0] * (1 - probs[0]) / len(probs)).sqrt()
+    assert ((counts / len(probs) - probs[0]).abs() <= spread).all(), counts
+    assert counts[[0, 2, 5]].sum() == 0
+    for u in (0.0, 1 - 2**-24):  # torch.rand's range is [0, 1)
+        monkeypatch.setattr(torch, "rand", lambda *shape, **_: torch.full(shape, u))
+        assert generate.draw(probs[:1]).item() == (4 if u == 0.0 else 1)
+
+
 def test_pvm_file_attaches(ours, tiny_untied, tmp_path):
     """A PVM file loads through load_model(pvm_file=...) and acts on every decoded token; at
     gate 0 the answer is the base model's."""

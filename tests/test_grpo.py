@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import grading
 import grpo
 import processor
 import train
@@ -141,14 +142,14 @@ def test_the_loss_is_the_formula_written_out(tmp_path, monkeypatch, captured):
     prompts, tokenizer = grpo.load_prompts(args), processor.tiny_tokenizer()
     rewards = [[1.0, 0.0, 0.9, 0.1], [1.0, 1.0, 1.0, 1.0]]
     total, count = 0.0, sum(len(c) for group in COMPLETIONS for c in group)  # every token
-    for sample, completions, group in zip(prompts, COMPLETIONS, rewards):
+    for (sample, _), completions, group in zip(prompts, COMPLETIONS, rewards):
         mean = sum(group) / 4
         std = (sum((r - mean) ** 2 for r in group) / 3) ** 0.5
         for completion, reward in zip(completions, group):
             if completion[-1] != IM_END or IMAGE_PAD in completion:
                 continue  # truncated, or an image's token in the completion
             advantage = 0.0 if std == 0 else (reward - mean) / (std + 1e-4)
-            ids, pixel_values, grid = encode_chat(tokenizer, grpo.user_turn(sample))
+            ids, pixel_values, grid = encode_chat(tokenizer, grading.think_answer_turn(sample))
             T, n = ids.size(1), len(completion)
             logits = model(torch.cat([ids, torch.tensor([completion])], dim=1), pixel_values,
                            grid)                                           # (1, T + n, V)
@@ -307,7 +308,7 @@ def test_a_multiple_choice_prompt_has_no_letter_only_post_prompt():
     """The options lettered one a line after the question, and nothing after them: eval.py's
     "Answer with the option's letter ... directly" asks for what the paper's reward scores 0."""
     sample = {"question": "Which?", "options": ["red", "green"], "answer": "B", "images": []}
-    assert grpo.user_turn(sample) == [{"role": "user", "content": [
+    assert grading.think_answer_turn(sample) == [{"role": "user", "content": [
         {"type": "text", "text": "Which?\nA. red\nB. green"}]}]
 
 
@@ -316,7 +317,8 @@ def hand_batch(temperature, chunk):
     the objective, its gradient, and the formula's: sum A * log softmax(logits / T)[token]."""
     model = opened(common.build_model("tiny", 0, None, "cpu", torch.float32))
     args = grpo.parse_args(tiny_args("unused"))
-    prompt = encode_chat(processor.tiny_tokenizer(), grpo.user_turn(grpo.load_prompts(args)[0]))
+    sample, _ = grpo.load_prompts(args)[0]
+    prompt = encode_chat(processor.tiny_tokenizer(), grading.think_answer_turn(sample))
     completions, advantages = [[65, 66, 67, IM_END], [68, IM_END]], [0.5, -2.0]
     batch = grpo.group_batch(prompt, completions, {IM_END}, IMAGE_PAD, torch.tensor(advantages))
     got = grpo.PolicyObjective(model, temperature, chunk)(*batch)
@@ -383,7 +385,7 @@ def test_an_image_whose_body_fails_to_decode_is_skipped_and_counted(tmp_path, pr
     (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
     args = grpo.parse_args(tiny_args(tmp_path / "out", "--data", str(tmp_path / "data.jsonl"),
                                      "--max-steps", "2"))
-    order = [sample["where"] for sample in grpo.load_prompts(args)]
+    order = [where for _, where in grpo.load_prompts(args)]
     cut = next(k for k, where in enumerate(order) if "data.jsonl:2" in where)
     grpo.main(args)
     log = read_log(tmp_path / "out")
@@ -395,7 +397,7 @@ def test_an_image_whose_body_fails_to_decode_is_skipped_and_counted(tmp_path, pr
 def test_bad_input_names_the_problem(tmp_path):
     (tmp_path / "text.jsonl").write_text('{"question": "2 + 2?", "answer": "4"}\n')
     cases = {  # extra arguments -> the message
-        ("--init", str(tmp_path / "gone.safetensors")): "first, or pass --init none",
+        ("--init", str(tmp_path / "gone.safetensors")): "train.py first, or pass --init none",
         ("--model", str(tmp_path)): "--model does not go with --size tiny",
         ("--data", str(tmp_path / "text.jsonl")): "no prompt with an image",
     }
