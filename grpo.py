@@ -117,7 +117,9 @@ class PolicyObjective(torch.nn.Module):
     def weighted_logp(self, hidden, tokens, weights):
         """sum of weight * log p(token) for hidden states (n, D): log p from logits / T, as TRL
         takes it, so that the loss reads the distribution the tokens were sampled from."""
-        logits = self.model.lm_head(hidden).float() / self.temperature   # (n, V): only there
+        # head(h) / T computed as head(h / T): the head is linear without a bias, and the hidden
+        # states (n, D) are far smaller than the logits (n, V) to divide and to differentiate
+        logits = self.model.lm_head(hidden / self.temperature).float()  # (n, V): only there
         return (weights * -F.cross_entropy(logits, tokens, reduction="none")).sum()
 
 # -----------------------------------------------------------------------------
