@@ -173,7 +173,7 @@ def check(args):
             raise ValueError(f"--{option.replace('_', '-')} does not go with --lmms-eval")
     if args.include_path and not Path(args.include_path).is_dir():
         raise ValueError(f"--include-path {args.include_path} is not a folder")
-    try:
+    try:  # lmms-eval's import makes PIL read a truncated image as far as it goes, as its runs do
         from lmms_eval import evaluator
         from lmms_eval.tasks import TaskManager, get_task_dict
         from loguru import logger

@@ -11,7 +11,7 @@ import re
 import sys
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 import common
 import eval as ev
@@ -65,6 +65,15 @@ metric_list:
 # their verdicts: "B\nC" is read as B (the stop string cuts it), "\nD" as nothing
 REPLIES = [("A", "A", 1), ("B", "B\nC", 1), ("C", "D", 0), ("D", "\nD", 0),
            ("A", "A. red", 1)]
+
+
+@pytest.fixture(autouse=True)
+def truncated_images_fail():
+    """Importing lmms-eval sets PIL's LOAD_TRUNCATED_IMAGES (lmms_eval/api/task.py), for the
+    whole process: the tests after these expect a truncated image to fail, so it is put back."""
+    setting = ImageFile.LOAD_TRUNCATED_IMAGES
+    yield
+    ImageFile.LOAD_TRUNCATED_IMAGES = setting
 
 
 def rule(reply, answer):
