@@ -7,6 +7,7 @@ and how the difference changes with the length of the answer (the paper's claim:
         --samples 4 --temperature 0.7                 # the paper's protocol: 4 sampled runs
     python eval.py --size tiny [--pvm out/pvm.safetensors --compare]   # CPU, no download
     python eval.py --size tiny --analysis     # also the paper's two analyses, over every reply
+    python eval.py --lmms-eval mmstar_qwen --pvm out/pvm.safetensors --compare    # see lmms.py
 
 --data: JSON lines {"id", "images": [paths relative to the file], "question", "options": [...]
 (optional), "answer" (with options: a letter or an option's text), "benchmark" (optional)}.
@@ -17,9 +18,10 @@ attention and the logit lens's convergence layer at every generated token (repor
 without --overwrite; predictions.jsonl grows as answers come, and --resume continues a run that
 was stopped (Ctrl-C, a kill, a sample that failed) with the settings it had. --base CHECKPOINT
 makes the base column another checkpoint's (Qwen3-VL against a GRPO-tuned model), paired as
---compare's. Left out on purpose: downloading and
-converting benchmarks, LLM judges, lmms-eval's random letter for a reply it cannot parse (wrong
-here), images placed inside the question (MMMU's <image 1>: all images come first), several GPUs.
+--compare's. --lmms-eval TASKS runs lmms-eval's own tasks, prompts and scores in place of
+--data (lmms.py). Left out on purpose here: downloading and converting benchmarks, LLM judges,
+lmms-eval's random letter for a reply it cannot parse (wrong here), images placed inside the
+question (MMMU's <image 1>: all images come first), several GPUs.
 """
 import argparse
 import json
@@ -34,6 +36,7 @@ from tqdm import tqdm
 import common
 import data
 import generate
+import lmms
 import report
 from grading import GRADER, answer_letter, extract, print_table, prompt_messages, score, summarise
 from load_qwen import load_model, resolve_checkpoint
@@ -292,8 +295,10 @@ def main(args):
         check_analysis(args)
     cuda = args.device.startswith("cuda")
     args.batch_size = args.batch_size or (8 if cuda else 1)
-    args.max_new_tokens = args.max_new_tokens or (32 if args.size else 1024)
     args.model = None if args.size else args.model  # results.json: no checkpoint was read
+    if args.lmms_eval or args.include_path:  # lmms-eval's tasks, prompts, token limits, scores
+        return lmms.evaluate(args, partial(columns, args), partial(open_out, args))
+    args.max_new_tokens = args.max_new_tokens or (32 if args.size else 1024)
     checkpoint = args.model and resolve_checkpoint(args.model)
     base = args.base and resolve_checkpoint(args.base)
     if checkpoint and args.temperature and args.top_k is None and args.top_p is None:
@@ -366,7 +371,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the paper: 0.7)")
     p.add_argument("--top-p", type=float, help="nucleus sampling (default: off)")
     p.add_argument("--top-k", type=int, help="top-k sampling (default: off)")
-    p.add_argument("--max-new-tokens", type=int, help="default 1024; 32 with --size tiny")
+    p.add_argument("--max-new-tokens", type=int, help="1024 (tiny: 32; --lmms-eval: the task's)")
     p.add_argument("--post-prompt", help="a line after open questions (default: none)")
     p.add_argument("--batch-size", type=int, help="prompts at once (default: 8 on CUDA, 1 on CPU)")
     p.add_argument("--limit", type=int, help="the first N samples only")
@@ -379,6 +384,7 @@ def parse_args(argv=None):
                    "one prompt at a time)")
     p.add_argument("--base", help="a checkpoint for the base column: a paired comparison of two "
                    "checkpoints (Qwen3-VL against a GRPO-tuned one)")
+    lmms.options(p)  # --lmms-eval TASKS, --include-path DIR: lmms-eval's own benchmarks
     p.add_argument("--out", default="out/eval", help="directory for results.json, predictions")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--resume", action="store_true", help="continue the stopped run in --out")

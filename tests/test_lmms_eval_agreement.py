@@ -1,10 +1,9 @@
 """eval.py reads a reply's letter as lmms-eval does. The oracle is lmms-eval 0.7.3's own
 parsers: extract_mcq_answer (lmms_eval/tasks/_task_utils/mcq_extract.py, the shared one, MMStar's)
 and parse_mmmu_multi_choice_response (lmms_eval/tasks/_task_utils/mmmu_mcq_utils.py, MMMU's).
-lmms-eval cannot share this project's environment (it pulls torch 2.14, or with torch held at 2.13
-a torchvision that breaks transformers' import), so the table holds what those two functions
-returned for each reply, run on lmms-eval 0.7.3; where lmms-eval is installed beside the project
-its two files are loaded (by path: its package import needs torchvision) and asked again, live.
+The table holds what those two functions returned for each reply, run on lmms-eval 0.7.3, so
+that it checks without lmms-eval too; where lmms-eval is installed beside the project
+(requirements-eval.txt, as CI does) its two files are loaded by path and asked again, live.
 The one deliberate difference: where the MMMU parser picks a random letter (no letter in the
 reply), eval.py reads none, so the reply is wrong (None in the table: its random pick varied)."""
 import importlib.util
