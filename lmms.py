@@ -35,7 +35,7 @@ import common
 import generate
 from grading import accuracy
 from load_qwen import resolve_checkpoint
-from processor import encode_chat, left_pad, load_tokenizer, tiny_tokenizer
+from processor import encode_chat, left_pad, load_tokenizer, tiny_tokenizer, user_turn
 from vision import smart_resize, to_rgb
 
 INSTALL = "pip install --no-deps lmms-eval==0.7.3 && pip install -r requirements-eval.txt"
@@ -65,17 +65,16 @@ def chat(lm, request):
     into [MIN_PIXELS, MAX_PIXELS] (sides multiples of 32) before the processor, whose own resize
     then changes nothing; vision.preprocess_image does the same after the resize here."""
     context, _, doc_to_visual, doc_id, task, split = request.args
-    parts = []
+    images = []
     for visual in doc_to_visual(lm.task_dict[task][split][doc_id]) or []:
         if not isinstance(visual, Image.Image):  # a video's path, audio
             raise ValueError(f"{task}: only images are read, not {type(visual).__name__}")
         image = to_rgb(visual)
         H, W = smart_resize(image.height, image.width, min_pixels=MIN_PIXELS,
                             max_pixels=MAX_PIXELS)
-        parts.append({"type": "image", "image": image.resize((W, H), Image.BICUBIC)})
+        images.append(image.resize((W, H), Image.BICUBIC))
     text = context.replace("<image>", "")  # a placeholder some tasks write; images come first
-    return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+    return [{"role": "system", "content": SYSTEM_PROMPT}] + user_turn(images, text)
 
 
 def sampling(gen_kwargs, defaults):
