@@ -13,11 +13,10 @@ import sys
 import pytest
 from PIL import Image, ImageFile
 
-import common
 import eval as ev
 import lmms
 import processor
-import pvm
+from test_eval import write_pvm  # a tiny PVM file with every gate at a value
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 needs_lmms_eval = pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None,
@@ -110,14 +109,6 @@ def run(task, out, *args, tasks="tiny_colours"):
     results = json.loads((out / "lmms_eval.json").read_text())
     lines = (out / "predictions.jsonl").read_text().splitlines()
     return results, [json.loads(line) for line in lines]
-
-
-def write_pvm(path, gate):
-    model = pvm.attach_pvm(common.tiny_model(0), common.SIZES["tiny"]["pvm_layers"], 64)
-    for i in model.config.pvm_layers:
-        model.layers[i].pvm_block.gate_alpha.data.fill_(gate)
-    pvm.save_pvm(model, path)
-    return path
 
 
 @needs_lmms_eval
