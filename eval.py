@@ -296,8 +296,10 @@ def main(args):
     cuda = args.device.startswith("cuda")
     args.batch_size = args.batch_size or (8 if cuda else 1)
     args.model = None if args.size else args.model  # results.json: no checkpoint was read
+    names = (["base", "pvm" if args.pvm else "model"] if args.compare or args.base
+             else ["pvm" if args.pvm else "base"])
     if args.lmms_eval or args.include_path:  # lmms-eval's tasks, prompts, token limits, scores
-        return lmms.evaluate(args, partial(columns, args), partial(open_out, args))
+        return lmms.evaluate(args, names, partial(columns, args), partial(open_out, args))
     args.max_new_tokens = args.max_new_tokens or (32 if args.size else 1024)
     checkpoint = args.model and resolve_checkpoint(args.model)
     base = args.base and resolve_checkpoint(args.base)
@@ -309,8 +311,6 @@ def main(args):
     for sample, (tokens, _) in zip(samples, data.sample_lengths(messages, tokenizer)):
         sample["length"] = tokens  # of the prompt (images read from their headers), for batches
     out, kept = open_out(args, {k: getattr(args, k) for k in SETTINGS})  # before the model
-    names = (["base", "pvm" if args.pvm else "model"] if args.compare or args.base
-             else ["pvm" if args.pvm else "base"])
     predictions, records, file = dict(kept), {}, open(out / "predictions.jsonl", "a")
 
     def keep(name, i, replies):  # a sample's replies, on disk as they come

@@ -233,9 +233,10 @@ def print_table(summary, names, K):
         print(line)
 
 
-def evaluate(args, columns, open_out):
-    """eval.py --lmms-eval: every check, then lmms-eval's simple_evaluate for each model and
-    run, its per-sample records to predictions.jsonl as each run ends, and the figures."""
+def evaluate(args, names, columns, open_out):
+    """eval.py --lmms-eval: every check, then lmms-eval's simple_evaluate for each model (names:
+    eval.py's columns) and run, its per-sample records to predictions.jsonl as each run ends,
+    and the figures."""
     evaluator, manager, tasks = check(args)
     checkpoint = args.model and resolve_checkpoint(args.model)
     base = args.base and resolve_checkpoint(args.base)
@@ -245,8 +246,6 @@ def evaluate(args, columns, open_out):
         generate.sampling_defaults(defaults, checkpoint)
     settings = {k: v for k, v in vars(args).items() if k not in ("overwrite", "resume")}
     out, _ = open_out(settings)  # refuses an earlier run there without --overwrite
-    names = (["base", "pvm" if args.pvm else "model"] if args.compare or args.base
-             else ["pvm" if args.pvm else "base"])
     # the command line's sampling replaces every task's, as lmms-eval's --gen_kwargs: greedy
     # unless --temperature says otherwise; a task's own token limit unless --max-new-tokens
     overrides = ",".join(f"{k}={getattr(args, k)}" for k in ("temperature", "top_p", "top_k",
